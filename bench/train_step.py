@@ -1,0 +1,100 @@
+"""Training-step throughput: measured vs the compute roofline, for several model sizes.
+
+    python bench/train_step.py [--sizes tiny,shakespeare,small] [--steps 5] [--json out.json]
+
+For each size and compute dtype it times the jitted train step (random tokens, the real step
+function), and prints tokens/s, TFLOP/s per device, MFU against this machine's peak
+(measured matmul FLOP/s on CPU, datasheet on accelerators), the predicted step time
+FLOPs/peak, and the ratio measured/predicted. The float32 step of each size is the same-run
+baseline the bfloat16 step is compared with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+
+from hpllm.config import make_config
+from hpllm.model.transformer import count_params
+from hpllm.perf.hardware import current_chip
+from hpllm.perf.roofline import train_flops_per_token
+from hpllm.train.step import init_state, jit_train_step
+
+
+def random_batch(config, rng):
+    b, s, v = config.train.batch_size, config.train.seq_len, config.model.vocab_size
+    tokens = rng.integers(0, v, (b, s + 1)).astype(np.int32)
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+            "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
+            "segment_ids": np.ones((b, s), np.int32), "loss_mask": np.ones((b, s), np.float32),
+            "target_bytes": np.ones((b, s), np.float32)}
+
+
+def time_step(config, steps: int) -> dict:
+    state = jax.jit(init_state, static_argnums=0)(config, jax.random.key(0))
+    step_fn = jit_train_step(config)
+    batch = jax.device_put(random_batch(config, np.random.default_rng(0)))
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, batch)
+    metrics["loss"].block_until_ready()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = step_fn(state, batch)
+        metrics["loss"].block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return {"compile_s": compile_s, "step_s": float(np.median(times)),
+            "step_s_min": float(np.min(times))}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="tiny,shakespeare,small")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--json", default="")
+    args = parser.parse_args(argv)
+
+    chip = current_chip()
+    print(f"device: {chip.name} x {jax.device_count()}; peaks "
+          + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in chip.peak_flops.items())
+          + f" ({chip.source})")
+    header = (f"{'preset':<12}{'params':>8}{'dtype':>10}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
+              f"{'step ms':>9}{'pred ms':>9}{'meas/pred':>10}{'vs f32':>8}")
+    print(header)
+    rows = []
+    for size in args.sizes.split(","):
+        baseline = None
+        for dtype in args.dtypes.split(","):
+            config = make_config(size, [f"--compute_dtype={dtype}",
+                                        f"--batch_size={args.batch_size}"])
+            tokens = config.train.batch_size * config.train.seq_len
+            flops = train_flops_per_token(config.model, config.train.seq_len) * tokens
+            peak = chip.peak(dtype)
+            timing = time_step(config, args.steps)
+            step_s = timing["step_s"]
+            baseline = baseline or step_s
+            row = {"preset": size, "params": count_params(config.model), "dtype": dtype,
+                   "batch_size": config.train.batch_size, "seq_len": config.train.seq_len,
+                   "tokens_per_s": tokens / step_s, "tflops_per_device": flops / step_s / 1e12,
+                   "mfu": flops / step_s / peak, "step_ms": 1e3 * step_s,
+                   "predicted_ms": 1e3 * flops / peak, "speedup_vs_float32": baseline / step_s,
+                   **timing}
+            rows.append(row)
+            print(f"{size:<12}{row['params'] / 1e6:>7.2f}M{dtype:>10}{row['tokens_per_s']:>10.0f}"
+                  f"{row['tflops_per_device']:>9.3f}{100 * row['mfu']:>6.1f}%"
+                  f"{row['step_ms']:>9.1f}{row['predicted_ms']:>9.1f}"
+                  f"{row['step_ms'] / row['predicted_ms']:>10.2f}{row['speedup_vs_float32']:>7.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": chip.name, "peaks": chip.peak_flops, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The one attention entry point of the model.
+
+Every caller (training, prefill, decode with a KV cache) goes through `attention`, so faster
+implementations (flash, Pallas, paged) can be swapped in by name without touching the model.
+Masking is expressed by positions and segment ids rather than by array index, which makes
+the same code serve packed training sequences and a KV cache:
+  a query may see a key iff  kv_pos <= q_pos  and  kv_seg == q_seg  (and kv_seg != 0).
+"""
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -1e30  # finite, so a fully masked row gives zeros instead of NaNs
+
+
+def reference_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    """Materialises the (S, T) score matrix. q: (B,S,H,D); k, v: (B,T,KV,D).
+
+    Grouped-query attention without repeating K/V: the H query heads are viewed as
+    (KV, H/KV) so each group of queries reads its shared K/V head in place.
+    """
+    b, s, h, d = q.shape
+    n_kv = k.shape[2]
+    q = q.reshape(b, s, n_kv, h // n_kv, d)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (d ** -0.5)
+    mask = (kv_pos[:, None, :] <= q_pos[:, :, None]) & (kv_seg[:, None, :] == q_seg[:, :, None])
+    mask &= (kv_seg != 0)[:, None, :]
+    scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(mask[:, None, None], probs, 0.0)  # rows with no visible key -> 0
+    out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, s, h, d).astype(q.dtype)
+
+
+IMPLEMENTATIONS = {"reference": reference_attention}
+
+
+def attention(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, impl="reference"):
+    """Causal grouped-query attention. Positions (B,S)/(B,T) int; segment ids default to 1."""
+    if q_seg is None:
+        q_seg = jnp.ones(q_pos.shape, jnp.int32)
+    if kv_seg is None:
+        kv_seg = jnp.ones(kv_pos.shape, jnp.int32)
+    try:
+        fn = IMPLEMENTATIONS[impl]
+    except KeyError:
+        raise ValueError(f"unknown attention implementation {impl!r}; "
+                         f"known: {', '.join(IMPLEMENTATIONS)}") from None
+    return fn(q, k, v, q_pos, kv_pos, q_seg, kv_seg)

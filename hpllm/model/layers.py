@@ -1,0 +1,39 @@
+"""The small pieces of a Llama-family decoder: RMSNorm, RoPE, SwiGLU."""
+
+import jax
+import jax.numpy as jnp
+
+
+def rms_norm(x, weight, eps):
+    """x / rms(x) * weight, with the statistics in float32 whatever the compute dtype."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_angles(positions, head_dim, theta):
+    """cos, sin of shape positions.shape + (head_dim,), for the rotate-half layout."""
+    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (..., head_dim/2)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (..., seq, heads, head_dim) by per-position angles (..., seq, head_dim).
+
+    Rotate-half layout (as in HF Llama): dimension i pairs with i + head_dim/2. GGUF files
+    store Q/K rows permuted for the interleaved layout; their loader undoes that.
+    """
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over heads
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    """Shazeer's SwiGLU MLP: down(silu(x @ gate) * (x @ up))."""
+    gate = jnp.einsum("bsd,df->bsf", x, w_gate)
+    up = jnp.einsum("bsd,df->bsf", x, w_up)
+    return jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate) * up, w_down)

@@ -1,0 +1,151 @@
+"""What the hardware allows: a table of accelerator specs, and measured figures for CPUs.
+
+MFU and the roofline need a peak. For accelerators the vendor's dense (no-sparsity) figure is
+the convention; a CPU has no honest datasheet number for XLA, so we measure a large jitted
+matmul once per machine and dtype and cache the result under ~/.cache/hpllm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    peak_flops: dict  # dtype name -> dense FLOP/s per device
+    hbm_bytes: float  # memory capacity per device
+    hbm_bandwidth: float  # bytes/s per device
+    link_bandwidth: float  # bytes/s per device, one direction, per interconnect link
+    source: str
+    measured: bool = False
+
+    def peak(self, dtype: str = "bfloat16") -> float:
+        return self.peak_flops.get(dtype) or self.peak_flops["bfloat16"]
+
+
+_T, _G = 1e12, 1e9
+# Dense figures (no 2:4 sparsity). Sources: vendor datasheets; TPU link figures as tabulated
+# in "How to Scale Your Model" (Austin et al., 2025), one direction per ICI link.
+CHIPS = {
+    "tpu-v4": Chip("TPU v4", {"bfloat16": 275 * _T, "int8": 275 * _T}, 32 * 2**30, 1228 * _G,
+                   45 * _G, "cloud.google.com/tpu/docs/v4"),
+    "tpu-v5e": Chip("TPU v5e", {"bfloat16": 197 * _T, "int8": 394 * _T}, 16 * 2**30, 819 * _G,
+                    45 * _G, "cloud.google.com/tpu/docs/v5e"),
+    "tpu-v5p": Chip("TPU v5p", {"bfloat16": 459 * _T, "int8": 918 * _T}, 95 * 2**30, 2765 * _G,
+                    90 * _G, "cloud.google.com/tpu/docs/v5p"),
+    "tpu-v6e": Chip("TPU v6e", {"bfloat16": 918 * _T, "int8": 1836 * _T}, 32 * 2**30,
+                    1640 * _G, 90 * _G, "cloud.google.com/tpu/docs/v6e"),
+    "a100": Chip("NVIDIA A100 SXM 80GB", {"bfloat16": 312 * _T, "float16": 312 * _T,
+                                          "float32": 19.5 * _T, "tf32": 156 * _T},
+                 80 * 2**30, 2039 * _G, 300 * _G, "NVIDIA A100 datasheet (NVLink 600 GB/s bidir)"),
+    "h100": Chip("NVIDIA H100 SXM", {"bfloat16": 989 * _T, "float16": 989 * _T,
+                                     "float32": 67 * _T, "float8": 1979 * _T},
+                 80 * 2**30, 3350 * _G, 450 * _G, "NVIDIA H100 datasheet (NVLink 900 GB/s bidir)"),
+    "h200": Chip("NVIDIA H200 SXM", {"bfloat16": 989 * _T, "float16": 989 * _T,
+                                     "float32": 67 * _T, "float8": 1979 * _T},
+                 141 * _G, 4800 * _G, 450 * _G, "NVIDIA H200 datasheet (NVLink 900 GB/s bidir)"),
+    "b200": Chip("NVIDIA B200", {"bfloat16": 2250 * _T, "float16": 2250 * _T,
+                                 "float32": 75 * _T, "float8": 4500 * _T},
+                 180 * _G, 7700 * _G, 900 * _G, "NVIDIA HGX B200 datasheet (NVLink5 1.8 TB/s bidir)"),
+}
+
+# device_kind strings as JAX reports them -> table key (first substring match wins).
+_KIND_PATTERNS = [("v5 lite", "tpu-v5e"), ("v5e", "tpu-v5e"), ("v5p", "tpu-v5p"), ("v5", "tpu-v5p"),
+                  ("v6", "tpu-v6e"), ("v4", "tpu-v4"), ("a100", "a100"), ("h100", "h100"),
+                  ("h200", "h200"), ("b200", "b200"), ("gh200", "h200")]
+
+
+def cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("HPLLM_CACHE", pathlib.Path.home() / ".cache" / "hpllm"))
+
+
+def lookup(device_kind: str) -> Chip | None:
+    kind = device_kind.lower()
+    for pattern, key in _KIND_PATTERNS:
+        if pattern in kind:
+            return CHIPS[key]
+    return None
+
+
+def measure_matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-`repeats` FLOP/s of a jitted n×n×n matmul on the default device."""
+    key = jax.random.key(0)
+    a = jax.random.normal(key, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32).astype(dtype)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def measure_copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s of a jitted copy (read + write counted) of a donated buffer."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    copy = jax.jit(lambda x: x * 1.0001, donate_argnums=0)  # donated: no fresh allocation
+    x = copy(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x = copy(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def _cpu_fingerprint() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}|{os.cpu_count()}cpu|jax{jax.__version__}"
+
+
+def measured_cpu(refresh: bool = False) -> Chip:
+    """This CPU's measured peaks (float32/bfloat16 matmul, copy bandwidth), cached per machine."""
+    path = cache_dir() / "hardware.json"
+    fingerprint = _cpu_fingerprint()
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    entry = cached.get(fingerprint)
+    if entry is None or refresh:
+        entry = {"float32": measure_matmul_flops("float32"),
+                 "bfloat16": measure_matmul_flops("bfloat16"),
+                 "copy_bandwidth": measure_copy_bandwidth(),
+                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        cached[fingerprint] = entry
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cached, indent=1))
+        tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    flops = {"float32": entry["float32"], "bfloat16": entry["bfloat16"],
+             "float16": entry["bfloat16"]}
+    return Chip(f"CPU ({fingerprint.split('|')[0]})", flops, 0.0, entry["copy_bandwidth"], 0.0,
+                f"measured {entry['measured_at']}: jitted 2048^3 matmul, 256 MiB copy",
+                measured=True)
+
+
+def current_chip() -> Chip:
+    """The chip of jax.devices()[0]: from the table, else measured (CPU or unknown)."""
+    device = jax.devices()[0]
+    chip = lookup(getattr(device, "device_kind", ""))
+    if chip is not None and device.platform != "cpu":
+        return chip
+    return measured_cpu()
