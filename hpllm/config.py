@@ -29,7 +29,7 @@ class ModelConfig:
     n_heads: int = 8
     n_kv_heads: int = 4
     ffn_dim: int = 0  # 0: Llama's rule, 2/3 * 4 * dim rounded up to a multiple of 64
-    max_seq_len: int = 256
+    max_seq_len: int = 128
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     pos_embedding: str = "rope"  # "rope" (Llama) or "learned" (GPT-2 style absolute positions)
@@ -73,14 +73,14 @@ class TrainConfig:
     data_dir: str = ""  # a folder of .txt documents instead of the packaged corpus
     tokenizer: str = "bpe"  # "bpe" (trained on the train split, vocab_size tokens) or "byte"
     val_fraction: float = 0.1  # of documents (works), held out whole
-    seq_len: int = 256
-    batch_size: int = 16
+    seq_len: int = 128
+    batch_size: int = 32
     prefetch: int = 2  # batches prepared ahead on a background thread
     # optimisation
-    steps: int = 1000
+    steps: int = 400
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -92,9 +92,9 @@ class TrainConfig:
     # bookkeeping
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 200
+    eval_every: int = 100
     eval_tokens: int = 65536  # validation tokens per periodic evaluation (0 = the whole split)
-    ckpt_every: int = 500
+    ckpt_every: int = 200
     keep_checkpoints: int = 2
     out_dir: str = "runs/default"
     resume: bool = False
@@ -154,8 +154,9 @@ class Config:
                    preset=d.get("preset", "custom"))
 
 
-# Presets. "tiny" is for tests; "shakespeare" is the default job: about 5 M parameters that
-# reach < 2.5 bits/byte on held-out works in under 10 minutes on 2 CPU cores.
+# Presets. "tiny" is for tests; "shakespeare" is the default job: 3.5 M parameters, 400 steps
+# of 32 x 128 tokens (1.6 M tokens, under half an epoch), which reach about 2.34 bits/byte on
+# the held-out works in about 10 minutes on 2 CPU cores.
 PRESETS: dict[str, dict[str, typing.Any]] = {
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
                  seq_len=64, batch_size=8, steps=50, warmup_steps=5, eval_every=25,

@@ -124,9 +124,14 @@ def forward(params, tokens, positions, config: ModelConfig, *, segment_ids=None,
     each segment of the given sequence (packed documents). With a cache, the new keys/values
     are written at slot = position and every query attends to the cache slots 0..its position.
     `dtype` is the compute dtype: parameters are cast to it here, so float32 master weights
-    receive float32 gradients.
+    receive float32 gradients. Segment id 0 marks padding (never attended to).
+    Inside jit nothing can be checked against data: positions must stay below max_seq_len
+    (learned embeddings) and below the cache length (writes past it are dropped).
     """
     c = config
+    if cache is not None and segment_ids is not None:
+        raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache: "
+                         "cache slots are indexed by position, which restarts per document")
     p = jax.tree.map(lambda w: w.astype(dtype), params)
     x = p["embed"][tokens]
     if c.pos_embedding == "learned":

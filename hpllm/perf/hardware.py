@@ -17,6 +17,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from hpllm.cache import cache_dir
+
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
@@ -62,10 +64,6 @@ CHIPS = {
 _KIND_PATTERNS = [("v5 lite", "tpu-v5e"), ("v5e", "tpu-v5e"), ("v5p", "tpu-v5p"), ("v5", "tpu-v5p"),
                   ("v6", "tpu-v6e"), ("v4", "tpu-v4"), ("a100", "a100"), ("h100", "h100"),
                   ("h200", "h200"), ("b200", "b200"), ("gh200", "h200")]
-
-
-def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("HPLLM_CACHE", pathlib.Path.home() / ".cache" / "hpllm"))
 
 
 def lookup(device_kind: str) -> Chip | None:

@@ -36,6 +36,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from hpllm.cache import cache_dir
 from hpllm.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,6 @@ SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
 
 class DataError(ValueError):
     """Data that cannot be used; the message names the file, folder or setting."""
-
-
-def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("HPLLM_CACHE") or "~/.cache/hpllm").expanduser()
 
 
 # ---------------------------------------------------------------------------------------------

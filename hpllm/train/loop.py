@@ -166,26 +166,32 @@ def train(config: Config, log=print, on_step=None) -> TrainResult:
             assert batch_step == step, (batch_step, step)
             window["wait"] += prefetcher.wait_seconds - wait0
             state, metrics = step_fn(state, batch)
-            window["steps"] += 1
             done = step + 1
+            if step == start:  # the first call compiles: keep it out of the throughput figures
+                jax.block_until_ready(metrics)
+                log_line(f"compiled and ran the first step in {time.perf_counter() - window['t']:.1f} s")
+                window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0}
+            else:
+                window["steps"] += 1
             bar.update(1)
             if done % tc.log_every == 0 or done == tc.steps:
                 last_loss = float(metrics["loss"])  # blocks: the window's steps have finished
                 if not math.isfinite(last_loss):
                     raise FloatingPointError(f"loss is {last_loss} at step {done}; lower lr?")
-                elapsed = time.perf_counter() - window["t"]
-                tok_s = window["steps"] * tokens_per_step / elapsed
-                tflops = tok_s * flops_per_token / n_devices / 1e12
-                record = {"step": done, "loss": last_loss, "tokens_per_s": tok_s,
-                          "tflops_per_device": tflops, "mfu": tflops * 1e12 / peak,
-                          "data_wait": window["wait"] / elapsed, "lr": float(metrics["lr"]),
+                record = {"step": done, "loss": last_loss, "lr": float(metrics["lr"]),
                           "grad_norm": float(metrics["grad_norm"])}
+                line = f"step {done:>6}/{tc.steps} | loss {last_loss:.4f}"
+                if window["steps"]:  # throughput since the last line, the compile excluded
+                    elapsed = time.perf_counter() - window["t"]
+                    tok_s = window["steps"] * tokens_per_step / elapsed
+                    tflops = tok_s * flops_per_token / n_devices / 1e12
+                    record.update(tokens_per_s=tok_s, tflops_per_device=tflops,
+                                  mfu=tflops * 1e12 / peak, data_wait=window["wait"] / elapsed)
+                    line += (f" | {tok_s / 1e3:6.2f}k tok/s | {tflops:.3f} TFLOP/s/dev | "
+                             f"MFU {100 * record['mfu']:4.1f}% | data wait "
+                             f"{100 * record['data_wait']:4.1f}%")
                 metrics_log.append(record)
-                log_line(f"step {done:>6}/{tc.steps} | loss {last_loss:.4f} | "
-                         f"{tok_s / 1e3:7.2f}k tok/s | {tflops:.3f} TFLOP/s/dev | "
-                         f"MFU {100 * record['mfu']:5.1f}% | data wait "
-                         f"{100 * record['data_wait']:4.1f}% | lr {record['lr']:.2e} | "
-                         f"|g| {record['grad_norm']:.2f}")
+                log_line(line + f" | lr {record['lr']:.2e} | |g| {record['grad_norm']:.2f}")
                 window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0}
             if done % tc.eval_every == 0 and done != tc.steps:
                 result = evaluate(state["params"], eval_batches, eval_fn)
