@@ -57,7 +57,7 @@ def main(argv=None):
     parser.add_argument("--sizes", default="tiny,shakespeare,small")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=0, help="0: each preset's own")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
 
@@ -72,8 +72,10 @@ def main(argv=None):
     for size in args.sizes.split(","):
         baseline = None
         for dtype in args.dtypes.split(","):
-            config = make_config(size, [f"--compute_dtype={dtype}",
-                                        f"--batch_size={args.batch_size}"])
+            overrides = [f"--compute_dtype={dtype}"]
+            if args.batch_size:
+                overrides.append(f"--batch_size={args.batch_size}")
+            config = make_config(size, overrides)
             tokens = config.train.batch_size * config.train.seq_len
             flops = train_flops_per_token(config.model, config.train.seq_len) * tokens
             peak = chip.peak(dtype)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hpllm.config import make_config
+from hpllm.config import ConfigError, make_config
 from hpllm.model.transformer import count_params, forward, init_params
 from hpllm.perf.roofline import forward_flops_per_token, matmul_params, train_flops_per_token
 from hpllm.train.loop import train
@@ -118,6 +118,15 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(resume_runs):
     assert [a[s] for s in range(1, 13)] == [b[s] for s in range(1, 13)]  # bit-identical
     assert resumed.val_bpb == straight.val_bpb
     assert a[12] < a[1]
+
+
+def test_a_second_fresh_run_into_the_same_out_dir_is_refused(resume_runs):
+    root, _, _ = resume_runs
+    before = (root / "a" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run .* pass --resume"):
+        train(make_config("tiny", [f"--out_dir={root / 'a'}", "--progress=false"]),
+              log=lambda s: None)
+    assert (root / "a" / "metrics.jsonl").read_text() == before
 
 
 def test_run_writes_its_artifacts(resume_runs):

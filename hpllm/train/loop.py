@@ -114,7 +114,10 @@ def train(config: Config, log=print, on_step=None) -> TrainResult:
     out_dir = pathlib.Path(tc.out_dir)
     ckpt_dir = out_dir / "checkpoints"
 
-    resume_step = orbax_io.latest_step(ckpt_dir) if tc.resume else None
+    resume_step = orbax_io.latest_step(ckpt_dir)
+    if resume_step is not None and not tc.resume:
+        raise ConfigError(f"{out_dir} already holds a run (checkpoint at step {resume_step}): "
+                          "pass --resume to continue it, or choose another --out_dir")
     if tc.resume and resume_step is None:
         log(f"no checkpoint in {ckpt_dir}: starting from scratch")
     if resume_step is not None:
@@ -138,7 +141,7 @@ def train(config: Config, log=print, on_step=None) -> TrainResult:
         f"({'measured' if chip.measured else 'datasheet'}) x {n_devices}")
 
     if resume_step is not None:
-        state, meta = orbax_io.restore(ckpt_dir, resume_step, _abstract_state(config))
+        state, _ = orbax_io.restore(ckpt_dir, resume_step, _abstract_state(config))
         log(f"resumed from step {resume_step} ({ckpt_dir})")
     else:
         state = jax.jit(init_state, static_argnums=0)(config, jax.random.key(tc.seed))
