@@ -22,22 +22,14 @@ from hpllm.config import make_config
 from hpllm.model.transformer import count_params
 from hpllm.perf.hardware import current_chip
 from hpllm.perf.roofline import train_flops_per_token
+from hpllm.train.data import random_batch
 from hpllm.train.step import init_state, jit_train_step
-
-
-def random_batch(config, rng):
-    b, s, v = config.train.batch_size, config.train.seq_len, config.model.vocab_size
-    tokens = rng.integers(0, v, (b, s + 1)).astype(np.int32)
-    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-            "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
-            "segment_ids": np.ones((b, s), np.int32), "loss_mask": np.ones((b, s), np.float32),
-            "target_bytes": np.ones((b, s), np.float32)}
 
 
 def time_step(config, steps: int) -> dict:
     state = jax.jit(init_state, static_argnums=0)(config, jax.random.key(0))
     step_fn = jit_train_step(config)
-    batch = jax.device_put(random_batch(config, np.random.default_rng(0)))
+    batch = jax.device_put(random_batch(config))
     t0 = time.perf_counter()
     state, metrics = step_fn(state, batch)
     metrics["loss"].block_until_ready()

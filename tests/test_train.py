@@ -9,18 +9,9 @@ import pytest
 from hpllm.config import ConfigError, make_config
 from hpllm.model.transformer import count_params, forward, init_params
 from hpllm.perf.roofline import forward_flops_per_token, matmul_params, train_flops_per_token
+from hpllm.train.data import random_batch
 from hpllm.train.loop import train
 from hpllm.train.step import init_state, jit_train_step, learning_rate_schedule
-
-
-def random_batch(config, seed):
-    rng = np.random.default_rng(seed)
-    b, s, v = config.train.batch_size, config.train.seq_len, config.model.vocab_size
-    tokens = rng.integers(0, v, (b, s + 1)).astype(np.int32)
-    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-            "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
-            "segment_ids": np.ones((b, s), np.int32), "loss_mask": np.ones((b, s), np.float32),
-            "target_bytes": np.ones((b, s), np.float32)}
 
 
 def test_learning_rate_warmup_then_cosine_to_floor():

@@ -461,6 +461,17 @@ class PackedDataset:
                 for i in range(0, rows, self.batch_size)]
 
 
+def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
+    """One batch of uniformly random tokens in the training format (a single document per
+    row, every target counted, one byte per token): for benchmarks and tests."""
+    b, s, v = config.train.batch_size, config.train.seq_len, config.model.vocab_size
+    tokens = np.random.default_rng(seed).integers(0, v, (b, s + 1)).astype(np.int32)
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+            "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
+            "segment_ids": np.ones((b, s), np.int32), "loss_mask": np.ones((b, s), np.float32),
+            "target_bytes": np.ones((b, s), np.float32)}
+
+
 def count_bytes(batch: dict[str, np.ndarray], token_bytes: np.ndarray) -> float:
     """UTF-8 bytes of the masked targets: the denominator of bits per byte."""
     return float((token_bytes[batch["targets"]] * batch["loss_mask"]).sum())
