@@ -130,7 +130,6 @@ def train(config: Config, log=print, on_step=None) -> TrainResult:
     (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
     chip = current_chip()
-    n_devices = jax.device_count()
     peak = chip.peak(tc.compute_dtype)
     flops_per_token = train_flops_per_token(config.model, tc.seq_len)
     tokens_per_step = tc.batch_size * tc.seq_len
@@ -138,7 +137,7 @@ def train(config: Config, log=print, on_step=None) -> TrainResult:
         f"({count_params(config.model, embedding=False) / 1e6:.2f} M in matmuls), "
         f"{flops_per_token / 1e6:.1f} MFLOP/token trained; "
         f"{chip.name}: peak {peak / 1e12:.3f} TFLOP/s {tc.compute_dtype} per device "
-        f"({'measured' if chip.measured else 'datasheet'}) x {n_devices}")
+        f"({'measured' if chip.measured else 'datasheet'})")
 
     if resume_step is not None:
         state, _ = orbax_io.restore(ckpt_dir, resume_step, _abstract_state(config))
@@ -146,6 +145,7 @@ def train(config: Config, log=print, on_step=None) -> TrainResult:
     else:
         state = jax.jit(init_state, static_argnums=0)(config, jax.random.key(tc.seed))
     start = int(state["step"])
+    n_devices = len(state["step"].sharding.device_set)  # the devices the step runs on
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", start if resume_step is not None else None)
 
     step_fn, eval_fn = jit_train_step(config), jit_eval_step(config)
