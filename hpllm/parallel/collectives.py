@@ -32,66 +32,63 @@ def _shift(x, axis_name: str, n: int, direction: int):
     return jax.lax.ppermute(x, axis_name, [(i, (i + direction) % n) for i in range(n)])
 
 
-def _chunks(x, n: int, axis: int):
-    if x.shape[axis] % n:
-        raise ValueError(f"dimension {axis} of size {x.shape[axis]} is not divisible by the "
-                         f"axis size {n}")
-    return jnp.split(x, n, axis=axis)
+def _check_divisible(size: int, n: int, axis: int) -> None:
+    if size % n:
+        raise ValueError(f"dimension {axis} of size {size} is not divisible by the axis size {n}")
 
 
-def _ring_gather_blocks(block, axis_name: str, n: int, direction: int) -> list:
-    """blocks[j] = the `block` of device j, collected by walking the ring in `direction`."""
-    idx = jax.lax.axis_index(axis_name)
-    received = [block]  # received[s] came from device idx - s*direction
-    for _ in range(n - 1):
-        received.append(_shift(received[-1], axis_name, n, direction))
-    # Reorder by source device: source j = idx - s*direction (mod n)  <=>  s = (idx-j)*dir.
-    stacked = jnp.stack(received)
-    order = (direction * (idx - jnp.arange(n))) % n
-    return stacked[order]
+def _halves(size: int, bidirectional: bool) -> list[tuple[int, int, int]]:
+    """(offset, length, direction) of the parts of a block that travel separately: the whole
+    block clockwise, or (bidirectional, even sizes) one half each way."""
+    if bidirectional and size % 2 == 0:
+        return [(0, size // 2, +1), (size // 2, size // 2, -1)]
+    return [(0, size, +1)]
 
 
 def ring_all_gather(x, axis_name: str, *, axis: int = 0, tiled: bool = True,
                     bidirectional: bool = False):
-    """Like jax.lax.all_gather(x, axis_name, axis=axis, tiled=tiled), over a ring."""
+    """Like jax.lax.all_gather(x, axis_name, axis=axis, tiled=tiled), over a ring.
+
+    Each received block is written once, straight into its place in the output."""
     n = jax.lax.axis_size(axis_name)
-    if bidirectional and x.shape[axis] % 2 == 0:
-        a, b = jnp.split(x, 2, axis=axis)
-        gathered = jnp.concatenate([_ring_gather_blocks(a, axis_name, n, +1),
-                                    _ring_gather_blocks(b, axis_name, n, -1)], axis=axis + 1)
-    else:
-        gathered = _ring_gather_blocks(x, axis_name, n, +1)  # (n, *x.shape)
-    if not tiled:
-        return jnp.moveaxis(gathered, 0, axis)
-    gathered = jnp.moveaxis(gathered, 0, axis)  # (..., n, size_axis, ...)
+    idx = jax.lax.axis_index(axis_name)
+    size = x.shape[axis]
     shape = list(x.shape)
     shape[axis] *= n
-    return gathered.reshape(shape)
-
-
-def _ring_reduce_scatter_chunks(chunks: list, axis_name: str, n: int, direction: int):
-    """Sum over devices of chunks[idx], by walking partial sums around the ring."""
-    idx = jax.lax.axis_index(axis_name)
-    stacked = jnp.stack(chunks)
-    # At step s device idx holds the partial sum of chunk idx - (s+1)*direction; after n-1
-    # steps that is chunk idx - n*direction = idx.
-    acc = stacked[(idx - direction) % n]
-    for s in range(1, n):
-        acc = _shift(acc, axis_name, n, direction) + stacked[(idx - (s + 1) * direction) % n]
-    return acc
+    out = jnp.zeros(shape, x.dtype)
+    for offset, length, direction in _halves(size, bidirectional):
+        part = jax.lax.slice_in_dim(x, offset, offset + length, axis=axis)
+        for s in range(n):  # at step s we hold the part of device idx - s*direction
+            source = (idx - s * direction) % n
+            out = jax.lax.dynamic_update_slice_in_dim(out, part, source * size + offset, axis)
+            if s < n - 1:
+                part = _shift(part, axis_name, n, direction)
+    if not tiled:  # block j occupies [j*size, (j+1)*size): splitting the axis is free
+        return out.reshape(x.shape[:axis] + (n, size) + x.shape[axis + 1:])
+    return out
 
 
 def ring_reduce_scatter(x, axis_name: str, *, scatter_dimension: int = 0,
                         bidirectional: bool = False):
-    """Like jax.lax.psum_scatter(x, axis_name, scatter_dimension=..., tiled=True)."""
+    """Like jax.lax.psum_scatter(x, axis_name, scatter_dimension=..., tiled=True).
+
+    The running sum for chunk c walks the ring; each device adds its own slice of chunk c
+    (read in place from x) as the sum passes. At step s device idx holds the partial sum of
+    chunk idx - (s+1)*direction, which after n-1 steps is chunk idx itself."""
     n = jax.lax.axis_size(axis_name)
-    chunks = _chunks(x, n, scatter_dimension)
-    if bidirectional and chunks[0].shape[scatter_dimension] % 2 == 0:
-        halves = [jnp.split(c, 2, axis=scatter_dimension) for c in chunks]
-        a = _ring_reduce_scatter_chunks([h[0] for h in halves], axis_name, n, +1)
-        b = _ring_reduce_scatter_chunks([h[1] for h in halves], axis_name, n, -1)
-        return jnp.concatenate([a, b], axis=scatter_dimension)
-    return _ring_reduce_scatter_chunks(chunks, axis_name, n, +1)
+    idx = jax.lax.axis_index(axis_name)
+    axis = scatter_dimension
+    _check_divisible(x.shape[axis], n, axis)
+    chunk = x.shape[axis] // n
+    parts = []
+    for offset, length, direction in _halves(chunk, bidirectional):
+        def own(c):
+            return jax.lax.dynamic_slice_in_dim(x, c * chunk + offset, length, axis)
+        acc = own((idx - direction) % n)
+        for s in range(1, n):
+            acc = _shift(acc, axis_name, n, direction) + own((idx - (s + 1) * direction) % n)
+        parts.append(acc)
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
 
 
 def ring_all_reduce(x, axis_name: str, *, bidirectional: bool = False):
@@ -117,15 +114,14 @@ def all_gather_matmul(x, w, axis_name: str):
     """
     n = jax.lax.axis_size(axis_name)
     idx = jax.lax.axis_index(axis_name)
+    rows = x.shape[0]
+    out = jnp.zeros((n * rows, w.shape[1]), jnp.result_type(x, w))
     block = x
-    outputs = []
     for s in range(n):
         nxt = _shift(block, axis_name, n, +1) if s < n - 1 else None  # in flight during dot
-        outputs.append(block @ w)  # rows of device idx - s
+        out = jax.lax.dynamic_update_slice_in_dim(out, block @ w, ((idx - s) % n) * rows, 0)
         block = nxt
-    stacked = jnp.stack(outputs)  # stacked[s] = rows of device (idx - s)
-    order = (idx - jnp.arange(n)) % n  # position j <- step (idx - j) mod n
-    return stacked[order].reshape(-1, w.shape[1])
+    return out
 
 
 def matmul_reduce_scatter(x, w, axis_name: str):
@@ -137,11 +133,15 @@ def matmul_reduce_scatter(x, w, axis_name: str):
     """
     n = jax.lax.axis_size(axis_name)
     idx = jax.lax.axis_index(axis_name)
-    rows = jnp.stack(_chunks(x, n, 0))  # (n, M/n, K/n)
-    acc = rows[(idx - 1) % n] @ w
+    _check_divisible(x.shape[0], n, 0)
+    rows = x.shape[0] // n
+
+    def partial(c):  # this device's contribution to row block c
+        return jax.lax.dynamic_slice_in_dim(x, c * rows, rows, 0) @ w
+
+    acc = partial((idx - 1) % n)
     for s in range(1, n):
-        moving = _shift(acc, axis_name, n, +1)
-        acc = moving + rows[(idx - s - 1) % n] @ w
+        acc = _shift(acc, axis_name, n, +1) + partial((idx - s - 1) % n)
     return acc
 
 
