@@ -35,6 +35,8 @@ class ModelConfig:
     pos_embedding: str = "rope"  # "rope" (Llama) or "learned" (GPT-2 style absolute positions)
     tie_embeddings: bool = True
     init_std: float = 0.02
+    attention: str = "reference"  # implementation: "reference" (dense) or "flash" (blockwise)
+    attention_window: int = 0  # sliding window in tokens; 0 = full causal attention
 
     @property
     def head_dim(self) -> int:
@@ -62,6 +64,13 @@ class ModelConfig:
             raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.pos_embedding not in ("rope", "learned"):
             raise ConfigError(f"pos_embedding must be 'rope' or 'learned', got {self.pos_embedding!r}")
+        from hpllm.model.attention import IMPLEMENTATIONS  # the one list of what exists
+
+        if self.attention not in IMPLEMENTATIONS:
+            raise ConfigError(f"attention must be one of {', '.join(IMPLEMENTATIONS)}, "
+                              f"got {self.attention!r}")
+        if self.attention_window < 0:
+            raise ConfigError(f"attention_window must be >= 0, got {self.attention_window}")
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError("rope_theta, norm_eps and init_std must be positive")
 

@@ -4,7 +4,8 @@ Every caller (training, prefill, decode with a KV cache) goes through `attention
 implementations (flash, Pallas, paged) can be swapped in by name without touching the model.
 Masking is expressed by positions and segment ids rather than by array index, which makes
 the same code serve packed training sequences and a KV cache:
-  a query may see a key iff  kv_pos <= q_pos  and  kv_seg == q_seg  (and kv_seg != 0).
+  a query may see a key iff  kv_pos <= q_pos  and  kv_seg == q_seg  (and kv_seg != 0),
+  and, with a sliding window w, q_pos - kv_pos < w.
 """
 
 import jax
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 _NEG_INF = -1e30  # finite, so a fully masked row gives zeros instead of NaNs
 
 
-def reference_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+def reference_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None):
     """Materialises the (S, T) score matrix. q: (B,S,H,D); k, v: (B,T,KV,D).
 
     Grouped-query attention without repeating K/V: the H query heads are viewed as
@@ -26,6 +27,8 @@ def reference_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     scores = scores * (d ** -0.5)
     mask = (kv_pos[:, None, :] <= q_pos[:, :, None]) & (kv_seg[:, None, :] == q_seg[:, :, None])
     mask &= (kv_seg != 0)[:, None, :]
+    if window is not None:  # sliding window: only the `window` most recent positions
+        mask &= (q_pos[:, :, None] - kv_pos[:, None, :]) < window
     scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(mask[:, None, None], probs, 0.0)  # rows with no visible key -> 0
@@ -34,10 +37,16 @@ def reference_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     return out.reshape(b, s, h, d).astype(q.dtype)
 
 
-IMPLEMENTATIONS = {"reference": reference_attention}
+def _flash(*args, **kw):
+    from hpllm.kernels.flash_attention import flash_attention  # kernels import this module
+
+    return flash_attention(*args, **kw)
 
 
-def attention(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, impl="reference"):
+IMPLEMENTATIONS = {"reference": reference_attention, "flash": _flash}
+
+
+def attention(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, impl="reference", window=None):
     """Causal grouped-query attention. Positions (B,S)/(B,T) int; segment ids default to 1."""
     if q_seg is None:
         q_seg = jnp.ones(q_pos.shape, jnp.int32)
@@ -48,4 +57,4 @@ def attention(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, impl="reference")
     except KeyError:
         raise ValueError(f"unknown attention implementation {impl!r}; "
                          f"known: {', '.join(IMPLEMENTATIONS)}") from None
-    return fn(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    return fn(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window)

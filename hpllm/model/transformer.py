@@ -117,7 +117,7 @@ def _remat_policy(remat: str):
 
 
 def forward(params, tokens, positions, config: ModelConfig, *, segment_ids=None, cache=None,
-            dtype=jnp.float32, remat: str = "none", attn_impl: str = "reference"):
+            dtype=jnp.float32, remat: str = "none", attn_impl: str | None = None):
     """Logits (B, S, V) in float32, and the updated cache (None when none was given).
 
     tokens, positions, segment_ids: (B, S) int. Without a cache, attention is causal within
@@ -129,6 +129,8 @@ def forward(params, tokens, positions, config: ModelConfig, *, segment_ids=None,
     (learned embeddings) and below the cache length (writes past it are dropped).
     """
     c = config
+    attn_impl = attn_impl or c.attention
+    window = c.attention_window or None
     if cache is not None and segment_ids is not None:
         raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache: "
                          "cache slots are indexed by position, which restarts per document")
@@ -152,14 +154,15 @@ def forward(params, tokens, positions, config: ModelConfig, *, segment_ids=None,
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is None:
-            out = attention(q, k, v, positions, positions, segment_ids, segment_ids, attn_impl)
+            out = attention(q, k, v, positions, positions, segment_ids, segment_ids, attn_impl,
+                            window)
             new_cache = None
         else:
             ck = layer_cache["k"].at[batch_index, positions].set(k.astype(layer_cache["k"].dtype))
             cv = layer_cache["v"].at[batch_index, positions].set(v.astype(layer_cache["v"].dtype))
             kv_pos = jnp.broadcast_to(jnp.arange(ck.shape[1]), ck.shape[:2])
             out = attention(q, ck.astype(dtype), cv.astype(dtype), positions, kv_pos,
-                            impl=attn_impl)
+                            impl=attn_impl, window=window)
             new_cache = {"k": ck, "v": cv}
         x = x + jnp.einsum("bshk,hkd->bsd", out, w["wo"])
         h = rms_norm(x, w["mlp_norm"], c.norm_eps)
