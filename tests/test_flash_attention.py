@@ -123,3 +123,29 @@ def test_dispatcher_routes_by_name_and_rejects_unknown():
     assert rel_err(a, b) < 1e-5
     with pytest.raises(ValueError, match="unknown attention implementation 'fast'"):
         attention(q, k, v, pos, pos, impl="fast")
+
+
+@pytest.mark.parametrize("n_new, t, splits, window, dtype, tol", [
+    (1, 67, 8, None, jnp.float32, 1e-5),    # T not a multiple of the splits
+    (3, 200, 7, None, jnp.float32, 1e-5),   # a few queries (speculative decoding), odd splits
+    (1, 64, 64, 9, jnp.float32, 1e-5),      # one key per split, sliding window
+    (2, 130, 4, None, jnp.bfloat16, 2e-2),
+    (1, 5, 16, None, jnp.float32, 1e-5),    # more splits than keys
+])
+def test_flash_decoding_matches_reference(n_new, t, splits, window, dtype, tol):
+    from hpllm.kernels.decode_attention import flash_decode
+
+    rng = np.random.default_rng(t + splits)
+    heads, kv_heads, dim = 8, 2, 16
+    q = jnp.asarray(rng.standard_normal((2, n_new, heads, dim)), dtype)
+    k = jnp.asarray(rng.standard_normal((2, t, kv_heads, dim)), dtype)
+    v = jnp.asarray(rng.standard_normal((2, t, kv_heads, dim)), dtype)
+    kv_pos = jnp.broadcast_to(jnp.arange(t), (2, t))
+    # Row 0 decodes at the end of the cache, row 1 in its middle (later slots invisible).
+    q_pos = jnp.asarray([[t - n_new + i for i in range(n_new)],
+                         [t // 2 + i for i in range(n_new)]])
+    q_seg, kv_seg = jnp.ones(q_pos.shape, jnp.int32), jnp.ones(kv_pos.shape, jnp.int32)
+    out = jax.jit(lambda q, k, v: flash_decode(q, k, v, q_pos, kv_pos, q_seg, kv_seg,
+                                               window=window, num_splits=splits))(q, k, v)
+    ref = reference_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window)
+    assert out.dtype == dtype and rel_err(out, ref) < tol

@@ -43,7 +43,14 @@ def _flash(*args, **kw):
     return flash_attention(*args, **kw)
 
 
-IMPLEMENTATIONS = {"reference": reference_attention, "flash": _flash}
+def _flash_decode(*args, **kw):
+    from hpllm.kernels.decode_attention import flash_decode
+
+    return flash_decode(*args, **kw)
+
+
+IMPLEMENTATIONS = {"reference": reference_attention, "flash": _flash,
+                   "flash_decode": _flash_decode}
 
 
 def attention(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, impl="reference", window=None):
