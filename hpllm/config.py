@@ -35,7 +35,7 @@ class ModelConfig:
     pos_embedding: str = "rope"  # "rope" (Llama) or "learned" (GPT-2 style absolute positions)
     tie_embeddings: bool = True
     init_std: float = 0.02
-    attention: str = "reference"  # implementation: "reference" (dense) or "flash" (blockwise)
+    attention: str = "auto"  # reference, flash, flash_decode, pallas, or auto (by lengths)
     attention_window: int = 0  # sliding window in tokens; 0 = full causal attention
 
     @property

@@ -1,4 +1,5 @@
-"""Blockwise flash attention vs the dense reference: values and gradients, odd sizes."""
+"""Blockwise flash attention (pure JAX and Pallas) and flash decoding vs the dense reference:
+values and gradients, odd sizes. The Pallas kernels run in interpret mode on CPU."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from hpllm.kernels.flash_attention import flash_attention
+from hpllm.kernels.pallas_attention import pallas_attention
 from hpllm.model.attention import attention, reference_attention
 
 
@@ -39,9 +41,13 @@ CASES = [  # batch, seq, heads, kv_heads, head_dim, segments, window, block
 ]
 
 
+BLOCKWISE = {"flash": flash_attention, "pallas": pallas_attention}
+
+
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_flash_matches_reference_values_and_gradients(case, dtype, tol):
+@pytest.mark.parametrize("impl", BLOCKWISE)
+def test_blockwise_matches_reference_values_and_gradients(impl, case, dtype, tol):
     batch, length, heads, kv_heads, dim, segments, window, block = case
     rng = np.random.default_rng(CASES.index(case))
     q = jnp.asarray(rng.standard_normal((batch, length, heads, dim)), dtype)
@@ -57,8 +63,8 @@ def test_flash_matches_reference_values_and_gradients(case, dtype, tol):
         out = jax.jit(lambda q, k, v: fn(q, k, v, pos, pos, seg, seg, window=window))(q, k, v)
         return out, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
-    flash = lambda *a, **kw: flash_attention(*a, block_q=block, block_k=block, **kw)  # noqa
-    out, grads = run(flash)
+    blockwise = lambda *a, **kw: BLOCKWISE[impl](*a, block_q=block, block_k=block, **kw)  # noqa
+    out, grads = run(blockwise)
     ref_out, ref_grads = run(reference_attention)
     assert out.dtype == dtype
     assert rel_err(out, ref_out) < tol
@@ -118,9 +124,9 @@ def test_dispatcher_routes_by_name_and_rejects_unknown():
     q = jnp.asarray(rng.standard_normal((1, 20, 4, 8)), jnp.float32)
     k = v = jnp.asarray(rng.standard_normal((1, 20, 2, 8)), jnp.float32)
     pos = jnp.arange(20)[None]
-    a = attention(q, k, v, pos, pos, impl="flash", window=5)
     b = attention(q, k, v, pos, pos, impl="reference", window=5)
-    assert rel_err(a, b) < 1e-5
+    for impl in ("flash", "pallas"):
+        assert rel_err(attention(q, k, v, pos, pos, impl=impl, window=5), b) < 1e-5
     with pytest.raises(ValueError, match="unknown attention implementation 'fast'"):
         attention(q, k, v, pos, pos, impl="fast")
 
@@ -145,7 +151,33 @@ def test_flash_decoding_matches_reference(n_new, t, splits, window, dtype, tol):
     q_pos = jnp.asarray([[t - n_new + i for i in range(n_new)],
                          [t // 2 + i for i in range(n_new)]])
     q_seg, kv_seg = jnp.ones(q_pos.shape, jnp.int32), jnp.ones(kv_pos.shape, jnp.int32)
-    out = jax.jit(lambda q, k, v: flash_decode(q, k, v, q_pos, kv_pos, q_seg, kv_seg,
-                                               window=window, num_splits=splits))(q, k, v)
-    ref = reference_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window)
-    assert out.dtype == dtype and rel_err(out, ref) < tol
+    def decode(q, k, v):
+        return flash_decode(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window,
+                            num_splits=splits)
+
+    def ref(q, k, v):
+        return reference_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window)
+
+    out = jax.jit(decode)(q, k, v)
+    assert out.dtype == dtype and rel_err(out, ref(q, k, v)) < tol
+    cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    grads = [jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cotangent),
+                      argnums=(0, 1, 2))(q, k, v) for fn in (decode, ref)]
+    for g, r in zip(*grads):
+        assert rel_err(g, r) < tol
+
+
+def test_auto_picks_by_lengths_and_matches_the_reference():
+    from hpllm.model.attention import choose_implementation
+
+    assert choose_implementation(128, 128) == "reference"  # training at short lengths
+    assert choose_implementation(4096, 4096) == "flash"
+    assert choose_implementation(1, 8192) == "flash_decode"
+    assert choose_implementation(1, 512) == "reference"
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.standard_normal((1, 2, 4, 8)), jnp.float32)
+    k = v = jnp.asarray(rng.standard_normal((1, 2048, 2, 8)), jnp.float32)
+    q_pos, kv_pos = jnp.asarray([[1000, 1001]]), jnp.arange(2048)[None]
+    a = attention(q, k, v, q_pos, kv_pos, impl="auto")
+    assert rel_err(a, attention(q, k, v, q_pos, kv_pos, impl="reference")) < 1e-5
+    assert rel_err(a, attention(q, k, v, q_pos, kv_pos, impl="flash_decode")) < 1e-6

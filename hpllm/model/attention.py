@@ -49,8 +49,36 @@ def _flash_decode(*args, **kw):
     return flash_decode(*args, **kw)
 
 
+def _pallas(*args, **kw):
+    from hpllm.kernels.pallas_attention import pallas_attention
+
+    return pallas_attention(*args, **kw)
+
+
+# Crossovers measured on CPU (bench/attention.py, docs/perf/attention.md): the blockwise
+# kernel wins from ~512 queries (1.6x fwd+bwd at 512, 4.8x fwd at 4K); splitting the KV of a
+# few decode queries wins from a few thousand keys.
+FLASH_MIN_QUERIES = 512
+DECODE_MAX_QUERIES = 16
+DECODE_MIN_KEYS = 2048
+
+
+def choose_implementation(n_queries: int, n_keys: int) -> str:
+    """What `impl="auto"` runs for these static lengths. The Pallas kernel stays opt-in
+    (`impl="pallas"`) until it has been compiled and measured on a GPU/TPU."""
+    if n_queries <= DECODE_MAX_QUERIES and n_keys >= DECODE_MIN_KEYS:
+        return "flash_decode"
+    if n_queries >= FLASH_MIN_QUERIES:
+        return "flash"
+    return "reference"
+
+
+def _auto(q, k, *args, **kw):
+    return IMPLEMENTATIONS[choose_implementation(q.shape[1], k.shape[1])](q, k, *args, **kw)
+
+
 IMPLEMENTATIONS = {"reference": reference_attention, "flash": _flash,
-                   "flash_decode": _flash_decode}
+                   "flash_decode": _flash_decode, "pallas": _pallas, "auto": _auto}
 
 
 def attention(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, impl="reference", window=None):
