@@ -174,6 +174,11 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
     "small": dict(vocab_size=4096, dim=384, n_layers=6, n_heads=6, n_kv_heads=2,
                   max_seq_len=512, seq_len=512, batch_size=16, steps=3000, lr=1.5e-3),
 }
+# Architectures of released checkpoints (random weights unless loaded): for the roofline and
+# benchmarks. SmolLM2-135M: HF config of HuggingFaceTB/SmolLM2-135M.
+PRESETS["smollm2-135m"] = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                               ffn_dim=1536, max_seq_len=8192, rope_theta=100000.0,
+                               norm_eps=1e-5, tie_embeddings=True, compute_dtype="float32")
 DEFAULT_PRESET = "shakespeare"
 
 _SECTIONS = {"model": ModelConfig, "train": TrainConfig}

@@ -62,3 +62,18 @@ def test_sampling_respects_temperature_and_top_k():
     expected = np.asarray(jax.nn.softmax(logits[0]))
     observed = np.bincount(draws, minlength=5) / len(draws)
     np.testing.assert_allclose(observed, expected, atol=0.035)  # ~4 sigma at n=2000
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.log(jnp.asarray([probs]))
+    keys = jax.random.split(jax.random.key(2), 2000)
+
+    def draws(**kw):
+        return set(np.asarray(jax.vmap(lambda k: sample_logits(logits, k, 1.0, **kw)[0])(keys)))
+
+    assert draws(top_p=0.4) == {0}  # the most likely token alone already reaches 0.4
+    assert draws(top_p=0.7) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    assert draws(top_p=0.9) == {0, 1, 2}
+    assert draws(top_p=1.0) == {0, 1, 2, 3}
+    assert draws(top_k=3, top_p=0.7) == {0, 1}

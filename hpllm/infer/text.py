@@ -1,0 +1,94 @@
+"""Text in, text out for pretrained models: streaming completion and multi-turn chat, on top
+of `generate` (token ids) and the model's tokenizer (ids <-> text, chat template)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+from hpllm.infer.generate import PromptError, generate
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Stats:
+    """Filled in while a stream runs: tokens generated and the seconds they took."""
+    prompt_tokens: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    first_token_seconds: float = 0.0  # prefill + first sample (includes compilation)
+    second_token_seconds: float = 0.0  # + the first decode step (includes its compilation)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Steady decode rate: tokens after the second over the time they took, so that no
+        compilation is counted (0 when too few tokens to tell)."""
+        rest = self.seconds - self.second_token_seconds
+        return (self.tokens - 2) / rest if self.tokens > 2 and rest > 0 else 0.0
+
+
+def stream_ids(model, prompt_ids: list[int], sampling: Sampling, stats: Stats | None = None):
+    """Text pieces of the continuation of `prompt_ids`, one per token (possibly empty while a
+    multi-byte character is incomplete), stopping at the model's end-of-turn tokens."""
+    stats = stats if stats is not None else Stats()
+    if len(prompt_ids) >= model.config.max_seq_len:
+        raise PromptError(f"prompt of {len(prompt_ids)} tokens does not fit the context of "
+                          f"{model.config.max_seq_len}")
+    if sampling.max_tokens <= 0:
+        return
+    tok = model.tokenizer
+    decoder = tok.stream()
+    stats.prompt_tokens = len(prompt_ids)
+    start = time.perf_counter()
+    for token in generate(model.params, model.config, prompt_ids, sampling.max_tokens,
+                          temperature=sampling.temperature, top_k=sampling.top_k,
+                          top_p=sampling.top_p, seed=sampling.seed, stop_ids=tok.stop_ids):
+        stats.tokens += 1
+        stats.seconds = time.perf_counter() - start
+        if stats.tokens == 1:
+            stats.first_token_seconds = stats.seconds
+        elif stats.tokens == 2:
+            stats.second_token_seconds = stats.seconds
+        if token in tok.stop_ids:
+            break
+        yield decoder.push(token)
+    yield decoder.flush()
+
+
+def complete(model, prompt: str, sampling: Sampling, stats: Stats | None = None):
+    """Stream the continuation of a plain-text prompt."""
+    if not prompt:
+        raise PromptError("the prompt is empty")
+    return stream_ids(model, model.tokenizer.encode(prompt), sampling, stats)
+
+
+@dataclass
+class ChatSession:
+    """A conversation: each `say` renders the whole history with the chat template and
+    streams the assistant's reply, which joins the history once complete."""
+    model: object
+    sampling: Sampling
+    messages: list[dict] = field(default_factory=list)
+
+    def say(self, text: str, stats: Stats | None = None):
+        if not text.strip():
+            raise PromptError("the message is empty")
+        tok = self.model.tokenizer
+        history = self.messages + [{"role": "user", "content": text}]
+        prompt = tok.encode(tok.apply_chat_template(history), special=True)
+        # a new seed each turn, so a sampled chat does not repeat its choices
+        sampling = replace(self.sampling, seed=self.sampling.seed + len(self.messages))
+        pieces = []
+        for piece in stream_ids(self.model, prompt, sampling, stats):
+            pieces.append(piece)
+            yield piece
+        self.messages = history
+        self.messages.append({"role": "assistant", "content": "".join(pieces).strip()})
