@@ -1,0 +1,202 @@
+"""Single-stream (batch 1) decode speed of hpllm's jitted decode step with a dense KV cache,
+next to the roofline figure and, when installed, llama.cpp and HF transformers measured in
+the same run on the same prompt.
+
+    python bench/decode.py [--model smollm2-135m] [--tokens 128] [--threads 2] [--out FILE]
+
+Each engine generates `--tokens` greedy tokens from the same prompt ids, once to warm up
+(compile) and once timed; a token's time is the wall time of its decode step (one token in,
+next-token logits out, the greedy pick made and read back), and tokens/s is 1 / the median.
+The prefill is not counted. The roofline is the bytes a decode step must read (float32
+weights + the KV cache it attends over) divided by the measured read bandwidth of this
+machine (`hpllm.perf.hardware.current_chip()`).
+
+Peers (not dependencies of hpllm): llama-cpp-python (see bench/llamacpp_parity.py), run on the
+Q4_1 file and on an F32 copy of it; torch + transformers + accelerate, which load the same
+GGUF and dequantize it to float32. A peer that is not installed is reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+from hpllm.checkpoints.registry import load_model
+from hpllm.infer.generate import _bucket, _decode, _prefill
+from hpllm.model.transformer import init_cache, unstack_layers
+from hpllm.perf.hardware import current_chip
+from hpllm.perf.roofline import Workload, predict
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from llamacpp_parity import cpu_name, write_f32_copy  # noqa: E402
+
+PROMPT = "The capital of France is"
+
+
+def ours(model, prompt: list[int], n: int):
+    """(token ids, per-token seconds, cache length) of hpllm's decode, as generate() runs it."""
+    config = model.config
+    params = unstack_layers(model.params)
+    length = _bucket(len(prompt) + n, config.max_seq_len, 256)
+
+    def run():
+        cache = init_cache(config, 1, length)
+        padded = prompt + [0] * (_bucket(len(prompt), length) - len(prompt))
+        logits, cache = _prefill(params, jnp.asarray([padded], jnp.int32),
+                                 jnp.int32(len(prompt)), cache, config, jnp.float32)
+        token = jnp.argmax(logits, -1).astype(jnp.int32)
+        ids, times = [int(token[0])], []
+        for position in range(len(prompt), len(prompt) + n - 1):
+            start = time.perf_counter()
+            logits, cache = _decode(params, token, jnp.int32(position), cache, config,
+                                    jnp.float32)
+            token = jnp.argmax(logits, -1).astype(jnp.int32)
+            ids.append(int(token[0]))  # reads the token back: the step is finished
+            times.append(time.perf_counter() - start)
+        return ids, times
+
+    run()  # compile
+    ids, times = run()
+    return ids, times, length
+
+
+def llamacpp(path, prompt: list[int], n: int, threads: int):
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=1024, n_threads=threads, verbose=False)
+
+    def run():
+        llm.reset()
+        ids, times, last = [], [], time.perf_counter()
+        for t in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            now = time.perf_counter()
+            if ids:  # the first token comes out of the prefill
+                times.append(now - last)
+            ids.append(int(t))
+            last = now
+            if len(ids) == n:
+                break
+        return ids, times
+
+    run()
+    ids, times = run()
+    return ids, times
+
+
+def transformers_hf(path, prompt: list[int], n: int, threads: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                              dtype=torch.float32).eval()
+
+    def run():
+        with torch.no_grad():
+            out = hf(torch.tensor([prompt]), use_cache=True)
+            ids, times = [int(out.logits[0, -1].argmax())], []
+            for _ in range(n - 1):
+                start = time.perf_counter()
+                out = hf(torch.tensor([[ids[-1]]]), past_key_values=out.past_key_values,
+                         use_cache=True)
+                ids.append(int(out.logits[0, -1].argmax()))
+                times.append(time.perf_counter() - start)
+        return ids, times
+
+    run()
+    ids, times = run()
+    return ids, times
+
+
+def same_prefix(a, b) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tokens", type=int, default=128, help="greedy tokens per engine")
+    ap.add_argument("--threads", type=int, default=2, help="threads for llama.cpp and torch")
+    ap.add_argument("--out", default="", help="also write the report (markdown) here")
+    args = ap.parse_args(argv)
+
+    model = load_model(args.model, progress=False)
+    prompt = model.tokenizer.encode(PROMPT)
+    chip = current_chip()
+    ids, times, context = ours(model, prompt, args.tokens)
+    step = statistics.median(times)
+    pred = predict(model.config, Workload("decode", 1, context=context), chip,
+                   compute_dtype="float32")
+    rows = [("hpllm (JAX, float32, dense KV cache)", step, ids, len(times), "")]
+
+    versions = [f"jax {jax.__version__}"]
+    try:
+        import llama_cpp
+        versions.append(f"llama-cpp-python {llama_cpp.__version__}")
+        tmp = tempfile.TemporaryDirectory()
+        f32 = pathlib.Path(tmp.name) / "f32.gguf"
+        write_f32_copy(model.path, f32)
+        for label, path in [("llama.cpp, the Q4_1 file", model.path),
+                            ("llama.cpp, an F32 copy of it", f32)]:
+            theirs, t = llamacpp(path, prompt, args.tokens, args.threads)
+            rows.append((label, statistics.median(t), theirs, len(t), ""))
+        tmp.cleanup()
+    except ImportError:
+        rows.append(("llama.cpp (llama-cpp-python)", None, None, 0, "not installed"))
+    try:
+        import torch
+        import transformers
+        versions.append(f"torch {torch.__version__}, transformers {transformers.__version__}")
+        theirs, t = transformers_hf(model.path, prompt, args.tokens, args.threads)
+        rows.append(("HF transformers (PyTorch, float32, same GGUF)", statistics.median(t),
+                     theirs, len(t), ""))
+    except ImportError as e:
+        rows.append(("HF transformers (PyTorch)", None, None, 0, f"not installed ({e.name})"))
+
+    weights = pred.bytes - next(t.bytes for t in pred.terms if t.name.startswith("attention"))
+    kv = 2 * model.config.n_layers * context * model.config.n_kv_heads \
+        * model.config.head_dim * 4
+    table = ["| engine | decode tok/s | median ms/token | vs hpllm | same greedy tokens as "
+             "hpllm |", "|---|---|---|---|---|"]
+    for label, s, theirs, count, note in rows:
+        if s is None:
+            table.append(f"| {label} | {note} | | | |")
+            continue
+        table.append(f"| {label} | {1 / s:.1f} | {s * 1e3:.2f} | {step / s:.2f}x | "
+                     f"{same_prefix(ids, theirs)}/{len(ids)} |")
+    lines = [f"# Single-stream decode speed: {model.path.name}", "",
+             f"Command: `python bench/decode.py --tokens {args.tokens} --threads {args.threads}`"
+             "  ",
+             f"Machine: {cpu_name()}, {jax.local_device_count()} JAX {jax.default_backend()} "
+             f"device(s); threads for llama.cpp and torch: {args.threads}; "
+             + "; ".join(versions), "",
+             f"Prompt {PROMPT!r} ({len(prompt)} tokens), {args.tokens} greedy tokens, batch 1; "
+             f"median over {len(times)} decode steps of the second (warm) run, prefill "
+             "excluded.", "",
+             *table, "",
+             "## Roofline (hpllm's float32 decode step)", "",
+             f"- bytes read per token: {pred.bytes / 1e6:.0f} MB (float32 weights and "
+             f"activations {weights / 1e6:.0f} MB, KV cache of {context} slots "
+             f"{kv / 1e6:.1f} MB plus scores)",
+             f"- read bandwidth ({chip.name}; {chip.source}): {chip.hbm_bandwidth / 1e9:.1f} GB/s",
+             f"- roofline: {pred.step_s * 1e3:.2f} ms/token = {1 / pred.step_s:.1f} tok/s "
+             f"({pred.bound}-bound)",
+             f"- measured: {step * 1e3:.2f} ms/token = {1 / step:.1f} tok/s, "
+             f"{pred.step_s / step:.0%} of the roofline; effective "
+             f"{pred.bytes / step / 1e9:.1f} GB/s", ""]
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        pathlib.Path(args.out).write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
