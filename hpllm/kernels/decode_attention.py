@@ -12,16 +12,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from hpllm.kernels.flash_attention import pad_to
+from hpllm.model.attention import visible
+
 _NEG = -1e30
-
-
-def _pad_kv(x, multiple: int, value=0):
-    pad = (-x.shape[1]) % multiple
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[1] = (0, pad)
-    return jnp.pad(x, widths, constant_values=value)
 
 
 def flash_decode(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None, num_splits: int = 8):
@@ -29,8 +23,8 @@ def flash_decode(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None, num_spli
     b, s, h, d = q.shape
     kh = k.shape[2]
     n = max(1, min(num_splits, k.shape[1]))
-    k, v = _pad_kv(k, n), _pad_kv(v, n)
-    kv_pos, kv_seg = _pad_kv(kv_pos, n), _pad_kv(kv_seg, n)  # padding: segment 0, invisible
+    k, v = pad_to(k, n, 1), pad_to(v, n, 1)
+    kv_pos, kv_seg = pad_to(kv_pos, n, 1), pad_to(kv_seg, n, 1)  # padding: segment 0, invisible
     chunk = k.shape[1] // n
     kc = k.reshape(b, n, chunk, kh, d)
     vc = v.reshape(b, n, chunk, kh, d)
@@ -39,10 +33,8 @@ def flash_decode(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None, num_spli
 
     scores = jnp.einsum("bqkgd,bctkd->bckgqt", qg, kc,
                         preferred_element_type=jnp.float32) * d ** -0.5
-    mask = (pc[:, :, None, :] <= q_pos[:, None, :, None])  # (B, n, S, chunk)
-    mask &= (sc[:, :, None, :] == q_seg[:, None, :, None]) & (sc != 0)[:, :, None, :]
-    if window is not None:
-        mask &= (q_pos[:, None, :, None] - pc[:, :, None, :]) < window
+    mask = visible(q_pos[:, None, :, None], pc[:, :, None, :], q_seg[:, None, :, None],
+                   sc[:, :, None, :], window)  # (B, n, S, chunk)
     mask = mask[:, :, None, None]  # (B, n, 1, 1, S, chunk)
     scores = jnp.where(mask, scores, _NEG)
     m = scores.max(-1)  # (B, n, K, G, S)

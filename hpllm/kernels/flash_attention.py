@@ -23,10 +23,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from hpllm.model.attention import visible
+
 _NEG = -1e30
 
 
-def _pad_to(x, multiple: int, axis: int, value=0):
+def pad_to(x, multiple: int, axis: int, value=0):
+    """x padded with `value` along `axis` to a multiple of `multiple`."""
     pad = (-x.shape[axis]) % multiple
     if pad == 0:
         return x
@@ -48,22 +51,19 @@ def _unblock(x):
 
 def _mask(qp, kp, qs, ks, window):
     """(B, bq, bk) visibility of one block pair."""
-    mask = (kp[:, None, :] <= qp[:, :, None]) & (ks[:, None, :] == qs[:, :, None])
-    mask &= (ks != 0)[:, None, :]
-    if window is not None:
-        mask &= (qp[:, :, None] - kp[:, None, :]) < window
-    return mask
+    return visible(qp[:, :, None], kp[:, None, :], qs[:, :, None], ks[:, None, :], window)
 
 
-def _visible(qp, kp, qs, ks, window):
-    """Whether any (query, key) pair of the block pair can be visible, from ranges only."""
+def block_visible(qp, kp, qs, ks, window):
+    """Whether any (query, key) pair of a block pair can be visible, from ranges only (any
+    shapes: only min/max are taken). A block of padding keys only has its key-position
+    minimum at the int maximum, so it is never visible."""
     valid = ks != 0
     kp_min = jnp.min(jnp.where(valid, kp, jnp.iinfo(kp.dtype).max))
     kp_max = jnp.max(jnp.where(valid, kp, jnp.iinfo(kp.dtype).min))
     ks_min = jnp.min(jnp.where(valid, ks, jnp.iinfo(ks.dtype).max))
     ks_max = jnp.max(jnp.where(valid, ks, jnp.iinfo(ks.dtype).min))
-    ok = jnp.any(valid) & (kp_min <= jnp.max(qp))
-    ok &= (ks_min <= jnp.max(qs)) & (ks_max >= jnp.min(qs))
+    ok = (kp_min <= jnp.max(qp)) & (ks_min <= jnp.max(qs)) & (ks_max >= jnp.min(qs))
     if window is not None:
         ok &= (jnp.min(qp) - kp_max) < window
     return ok
@@ -98,7 +98,7 @@ def _forward_blocks(qb, kb, vb, qpb, kpb, qsb, ksb, scale, window):
                                 preferred_element_type=jnp.float32)
                 return m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + pv
 
-            return jax.lax.cond(_visible(qp, kp, qs, ks, window), update, lambda c: c,
+            return jax.lax.cond(block_visible(qp, kp, qs, ks, window), update, lambda c: c,
                                 carry), None
 
         (m, l, acc), _ = jax.lax.scan(step, init, jnp.arange(nk))
@@ -113,12 +113,12 @@ def _prepare(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k):
     b, s, h, d = q.shape
     kh = k.shape[2]
     bq, bk = min(block_q, s), min(block_k, k.shape[1])
-    qb = _blocks(_pad_to(q, bq, 1).reshape(b, -1, kh, h // kh, d), bq)
-    qpb = _blocks(_pad_to(q_pos, bq, 1), bq)
-    qsb = _blocks(_pad_to(q_seg, bq, 1), bq)  # padded queries: segment 0, see nothing
-    kb, vb = _blocks(_pad_to(k, bk, 1), bk), _blocks(_pad_to(v, bk, 1), bk)
-    kpb = _blocks(_pad_to(kv_pos, bk, 1), bk)
-    ksb = _blocks(_pad_to(kv_seg, bk, 1), bk)
+    qb = _blocks(pad_to(q, bq, 1).reshape(b, -1, kh, h // kh, d), bq)
+    qpb = _blocks(pad_to(q_pos, bq, 1), bq)
+    qsb = _blocks(pad_to(q_seg, bq, 1), bq)  # padded queries: segment 0, see nothing
+    kb, vb = _blocks(pad_to(k, bk, 1), bk), _blocks(pad_to(v, bk, 1), bk)
+    kpb = _blocks(pad_to(kv_pos, bk, 1), bk)
+    ksb = _blocks(pad_to(kv_seg, bk, 1), bk)
     return qb, kb, vb, qpb, kpb, qsb, ksb
 
 
@@ -147,8 +147,8 @@ def _flash_bwd(block_q, block_k, window, residuals, d_out):
     bq = qb.shape[2]
     # delta_i = sum_d dO_i · O_i: the softmax-gradient correction, per query row.
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (B, S, H)
-    dob = _blocks(_pad_to(d_out, bq, 1).reshape(b, -1, kh, h // kh, d), bq)
-    deltab = jnp.moveaxis(_blocks(_pad_to(delta, bq, 1).reshape(b, -1, kh, h // kh), bq),
+    dob = _blocks(pad_to(d_out, bq, 1).reshape(b, -1, kh, h // kh, d), bq)
+    deltab = jnp.moveaxis(_blocks(pad_to(delta, bq, 1).reshape(b, -1, kh, h // kh), bq),
                           2, 4)  # (nq, B, K, G, bq)
     nq = qb.shape[0]
 
@@ -174,7 +174,7 @@ def _flash_bwd(block_q, block_k, window, residuals, d_out):
                                   preferred_element_type=jnp.float32)
                 return dk, dv, dq_acc.at[i].add(dq_i)
 
-            return jax.lax.cond(_visible(qp, kp, qs, ks, window), update, lambda c: c,
+            return jax.lax.cond(block_visible(qp, kp, qs, ks, window), update, lambda c: c,
                                 carry), None
 
         zeros = jnp.zeros(k_j.shape, jnp.float32)

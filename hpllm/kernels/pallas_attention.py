@@ -32,41 +32,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from hpllm.kernels.flash_attention import block_visible, pad_to
+from hpllm.model.attention import visible
+
 _NEG = -1e30
-_I32_MAX, _I32_MIN = jnp.iinfo(jnp.int32).max, jnp.iinfo(jnp.int32).min
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def _pad(x, axis: int, size: int, value=0):
-    if x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=value)
-
-
-def _mask(qp, qs, kp, ks, window):
-    """(bq, bk) visibility from (bq, 1) query columns and (1, bk) key rows."""
-    mask = (kp <= qp) & (ks == qs) & (ks != 0)
-    if window is not None:
-        mask &= (qp - kp) < window
-    return mask
-
-
-def _visible(qp, qs, kp, ks, window):
-    """Whether any pair of the two blocks can see each other, from their ranges only."""
-    valid = ks != 0
-    kp_min = jnp.min(jnp.where(valid, kp, _I32_MAX))
-    kp_max = jnp.max(jnp.where(valid, kp, _I32_MIN))
-    ks_min = jnp.min(jnp.where(valid, ks, _I32_MAX))
-    ks_max = jnp.max(jnp.where(valid, ks, _I32_MIN))
-    ok = (kp_min <= jnp.max(qp)) & (ks_min <= jnp.max(qs)) & (ks_max >= jnp.min(qs))
-    if window is not None:
-        ok &= (jnp.min(qp) - kp_max) < window
-    return ok
 
 
 def _dot(a, b, trans_b=False):
@@ -93,7 +64,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, o_ref, 
 
         def update(carry):
             m, l, acc = carry
-            mask = _mask(qp, qs, kp, ks, window)
+            mask = visible(qp, kp, qs, ks, window)
             s = jnp.where(mask, _dot(q, k_ref[sl, :], trans_b=True) * scale, _NEG)
             m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
             p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
@@ -102,7 +73,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, o_ref, 
             acc = acc * alpha + _dot(p.astype(v.dtype), v)
             return m_new, l * alpha + p.sum(axis=1, keepdims=True), acc
 
-        return lax.cond(_visible(qp, qs, kp, ks, window), update, lambda c: c, carry)
+        return lax.cond(block_visible(qp, kp, qs, ks, window), update, lambda c: c, carry)
 
     init = (jnp.full((bq, 1), _NEG, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
             jnp.zeros((bq, d), jnp.float32))
@@ -127,7 +98,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qp_ref, qs_ref
         def update(carry):
             dk, dv = carry
             q, do = q_ref[sl, :], do_ref[sl, :]
-            mask = _mask(qp, qs, kp, ks, window)
+            mask = visible(qp, kp, qs, ks, window)
             p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale
                                         - lse_ref[sl, :]), 0.0)
             dv = dv + _dot_ta(p.astype(do.dtype), do)
@@ -135,7 +106,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qp_ref, qs_ref
             dk = dk + _dot_ta(ds.astype(q.dtype), q)
             return dk, dv
 
-        return lax.cond(_visible(qp, qs, kp, ks, window), update, lambda c: c, carry)
+        return lax.cond(block_visible(qp, kp, qs, ks, window), update, lambda c: c, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(0, q_ref.shape[0] // block_q, body, (zeros, zeros))
@@ -155,12 +126,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qp_ref, qs_ref, 
 
         def update(dq):
             k, v = k_ref[sl, :], v_ref[sl, :]
-            mask = _mask(qp, qs, kp, ks, window)
+            mask = visible(qp, kp, qs, ks, window)
             p = jnp.where(mask, jnp.exp(_dot(q, k, trans_b=True) * scale - lse), 0.0)
             ds = p * (_dot(do, v, trans_b=True) - delta) * scale
             return dq + _dot(ds.astype(k.dtype), k)
 
-        return lax.cond(_visible(qp, qs, kp, ks, window), update, lambda c: c, dq)
+        return lax.cond(block_visible(qp, kp, qs, ks, window), update, lambda c: c, dq)
 
     dq = lax.fori_loop(0, k_ref.shape[0] // block_k, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
@@ -193,12 +164,12 @@ def _layout(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k):
     s, t, d = q.shape[1], k.shape[1], q.shape[3]
     bq = min(block_q, max(16, _next_pow2(s)))
     bk = min(block_k, max(16, _next_pow2(t)))
-    sp, tp, dp = -(-s // bq) * bq, -(-t // bk) * bk, max(16, _next_pow2(d))
-    qh = _pad(_pad(jnp.swapaxes(q, 1, 2), 2, sp), 3, dp)  # (B, H, Sp, Dp)
-    kh = _pad(_pad(jnp.swapaxes(k, 1, 2), 2, tp), 3, dp)
-    vh = _pad(_pad(jnp.swapaxes(v, 1, 2), 2, tp), 3, dp)
-    vecs = (_pad(q_pos, 1, sp)[:, :, None], _pad(q_seg, 1, sp)[:, :, None],
-            _pad(kv_pos, 1, tp)[:, None, :], _pad(kv_seg, 1, tp)[:, None, :])
+    dp = max(16, _next_pow2(d))  # Triton wants power-of-two tiles
+    qh = pad_to(pad_to(jnp.swapaxes(q, 1, 2), bq, 2), dp, 3)  # (B, H, Sp, Dp)
+    kh = pad_to(pad_to(jnp.swapaxes(k, 1, 2), bk, 2), dp, 3)
+    vh = pad_to(pad_to(jnp.swapaxes(v, 1, 2), bk, 2), dp, 3)
+    vecs = (pad_to(q_pos, bq, 1)[:, :, None], pad_to(q_seg, bq, 1)[:, :, None],
+            pad_to(kv_pos, bk, 1)[:, None, :], pad_to(kv_seg, bk, 1)[:, None, :])
     return qh, kh, vh, vecs, bq, bk
 
 
@@ -249,10 +220,10 @@ def _bwd(block_q, block_k, window, target, residuals, d_out):
     group = h // n_kv
     qh, kh, vh, vecs, bq, bk = _layout(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_q, block_k)
     sp, tp, dp = qh.shape[2], kh.shape[2], qh.shape[3]
-    doh = _pad(_pad(jnp.swapaxes(d_out, 1, 2), 2, sp), 3, dp)
+    doh = pad_to(pad_to(jnp.swapaxes(d_out, 1, 2), bq, 2), dp, 3)
     # delta_i = dO_i . O_i, the softmax-gradient correction per query row (padding rows: 0).
     delta = jnp.einsum("bshd,bshd->bhs", d_out.astype(jnp.float32), o.astype(jnp.float32))
-    delta = _pad(delta, 2, sp)[..., None]
+    delta = pad_to(delta, bq, 2)[..., None]
     scale = d ** -0.5
     operands = (qh, kh, vh, doh, lse, delta, *vecs)
 

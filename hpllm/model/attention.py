@@ -14,6 +14,15 @@ import jax.numpy as jnp
 _NEG_INF = -1e30  # finite, so a fully masked row gives zeros instead of NaNs
 
 
+def visible(q_pos, kv_pos, q_seg, kv_seg, window=None):
+    """The masking rule above, elementwise on arrays that broadcast to (..., queries, keys);
+    every implementation (reference, blockwise, decode, Pallas) masks through it."""
+    mask = (kv_pos <= q_pos) & (kv_seg == q_seg) & (kv_seg != 0)
+    if window is not None:  # sliding window: only the `window` most recent positions
+        mask &= (q_pos - kv_pos) < window
+    return mask
+
+
 def reference_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None):
     """Materialises the (S, T) score matrix. q: (B,S,H,D); k, v: (B,T,KV,D).
 
@@ -25,10 +34,8 @@ def reference_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None):
     q = q.reshape(b, s, n_kv, h // n_kv, d)
     scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
     scores = scores * (d ** -0.5)
-    mask = (kv_pos[:, None, :] <= q_pos[:, :, None]) & (kv_seg[:, None, :] == q_seg[:, :, None])
-    mask &= (kv_seg != 0)[:, None, :]
-    if window is not None:  # sliding window: only the `window` most recent positions
-        mask &= (q_pos[:, :, None] - kv_pos[:, None, :]) < window
+    mask = visible(q_pos[:, :, None], kv_pos[:, None, :], q_seg[:, :, None], kv_seg[:, None, :],
+                   window)
     scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(mask[:, None, None], probs, 0.0)  # rows with no visible key -> 0
