@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -33,17 +32,11 @@ from hpllm.kernels.decode_attention import flash_decode
 from hpllm.kernels.flash_attention import flash_attention
 from hpllm.kernels.pallas_attention import pallas_attention
 from hpllm.model.attention import reference_attention
-from hpllm.perf.hardware import current_chip
+from hpllm.perf.hardware import current_chip, time_calls
 
 
 def median_time(fn, *args, repeats=3):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.median(time_calls(lambda: fn(*args), repeats)))
 
 
 def self_attention_fns(impl, length):

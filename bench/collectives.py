@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get(
         "XLA_FLAGS", ""):
@@ -39,17 +38,11 @@ import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from hpllm.parallel.collectives import IMPLEMENTATIONS, sharded_collective  # noqa: E402
-from hpllm.perf.hardware import lookup  # noqa: E402
+from hpllm.perf.hardware import lookup, time_calls  # noqa: E402
 
 
 def median_time(fn, x, repeats: int) -> float:
-    jax.block_until_ready(fn(x))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(x))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.median(time_calls(lambda: fn(x), repeats)))
 
 
 def measure_link(mesh, repeats: int) -> tuple[float, float, float]:

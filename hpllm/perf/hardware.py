@@ -90,32 +90,37 @@ def lookup(device_kind: str) -> Chip | None:
     return None
 
 
+def time_calls(run, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of `run()` (waited on), after one untimed call
+    that compiles and warms up. Peaks take the best; workloads the median."""
+    jax.block_until_ready(run())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def measure_matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
     """Best-of-`repeats` FLOP/s of a jitted n×n×n matmul on the default device."""
     key = jax.random.key(0)
     a = jax.random.normal(key, (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32).astype(dtype)
     matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return 2 * n**3 / min(time_calls(lambda: matmul(a, b), repeats))
 
 
 def measure_copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """Bytes/s of a jitted copy (read + write counted) of a donated buffer."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
     copy = jax.jit(lambda x: x * 1.0001, donate_argnums=0)  # donated: no fresh allocation
-    x = copy(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x = copy(x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best
+    x = [jnp.ones((nbytes // 4,), jnp.float32)]
+
+    def run():
+        x[0] = copy(x[0])
+        return x[0]
+
+    return 2 * nbytes / min(time_calls(run, repeats))
 
 
 def measure_read_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
@@ -123,13 +128,7 @@ def measure_read_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float
     streaming its weights (a copy also writes, and allocation makes fresh writes slower)."""
     x = jnp.ones((nbytes // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        total(x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best
+    return nbytes / min(time_calls(lambda: total(x), repeats))
 
 
 def measure_all_gather_bandwidth(nbytes: int = 64 * 2**20, repeats: int = 5) -> float | None:
@@ -145,13 +144,7 @@ def measure_all_gather_bandwidth(nbytes: int = 64 * 2**20, repeats: int = 5) -> 
                        jax.sharding.NamedSharding(mesh, spec))
     gather = jax.jit(jax.shard_map(lambda b: jax.lax.all_gather(b, "d", tiled=True), mesh=mesh,
                                    in_specs=spec, out_specs=spec))
-    gather(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        gather(x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return (n - 1) / n * nbytes / best
+    return (n - 1) / n * nbytes / min(time_calls(lambda: gather(x), repeats))
 
 
 def _meminfo_bytes() -> float:

@@ -4,24 +4,18 @@ predict-then-measure. Random weights and tokens: timing does not depend on their
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hpllm.config import Config, apply_overrides
+from hpllm.perf.hardware import time_calls
 from hpllm.perf.roofline import Workload
 
 
 def _median_seconds(run, repeats: int) -> float:
-    jax.block_until_ready(run())  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.median(time_calls(run, repeats)))
 
 
 def measure_step(config: Config, workload: Workload, repeats: int = 5) -> float:
