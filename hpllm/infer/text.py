@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from hpllm.infer.generate import PromptError, generate
+from hpllm.model.transformer import unstack_layers
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,11 @@ class ChatSession:
     model: object
     sampling: Sampling
     messages: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        # generate() unstacks the layers for decoding on every call; do it once per session
+        # instead of once per turn (it copies every weight).
+        self.model = replace(self.model, params=unstack_layers(self.model.params))
 
     def say(self, text: str, stats: Stats | None = None):
         if not text.strip():
