@@ -42,12 +42,17 @@ PROMPT = "The capital of France is"
 
 def ours(model, prompt: list[int], n: int):
     """(token ids, per-token seconds, cache length) of hpllm's decode, as generate() runs it."""
-    config = model.config
-    params = unstack_layers(model.params)
+    return decode_steps(model.params, model.config, prompt, n)
+
+
+def decode_steps(params, config, prompt: list[int], n: int, kv_dtype=None):
+    """(greedy ids, per-step seconds, cache length) of n tokens with generate's jitted steps,
+    the second of two runs (the first compiles); bench/quantization.py reuses it."""
+    params = unstack_layers(params)
     length = _bucket(len(prompt) + n, config.max_seq_len, 256)
 
     def run():
-        cache = init_cache(config, 1, length)
+        cache = init_cache(config, 1, length, jnp.float32, kv_dtype)
         padded = prompt + [0] * (_bucket(len(prompt), length) - len(prompt))
         logits, cache = _prefill(params, jnp.asarray([padded], jnp.int32),
                                  jnp.int32(len(prompt)), cache, config, jnp.float32)

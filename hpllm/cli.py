@@ -13,8 +13,17 @@ USAGE_OVERRIDES = ("overrides: --key=value for any config field (e.g. --n_layers
                    "see `hpllm config` for the keys and their values")
 
 
+def _mesh_args(args) -> list[str]:
+    return [f"--mesh={args.mesh}"] if getattr(args, "mesh", None) else []
+
+
 def cmd_train(args, extra) -> int:
-    config = make_config(args.preset, extra + (["--resume=true"] if args.resume else []))
+    config = make_config(args.preset, extra + _mesh_args(args)
+                         + (["--resume=true"] if args.resume else []))
+    from hpllm.parallel import distributed
+
+    # Before any JAX computation: joins the other processes (flags or HPLLM_* environment).
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     from hpllm.train.loop import train  # heavy imports only once the config is known good
 
     train(config)
@@ -22,7 +31,7 @@ def cmd_train(args, extra) -> int:
 
 
 def cmd_config(args, extra) -> int:
-    config = make_config(args.preset, extra)
+    config = make_config(args.preset, extra + _mesh_args(args))
     print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
     return 0
 
@@ -83,9 +92,14 @@ def cmd_roofline(args, extra) -> int:
 def _load(args):
     from hpllm.checkpoints.registry import load_model
 
-    model = load_model(args.model, progress=sys.stderr.isatty())
+    from hpllm.compress.quantize import param_bytes
+
+    model = load_model(args.model, progress=sys.stderr.isatty(), quant=args.quant,
+                       group_size=args.group_size, threshold=args.threshold)
     n_params = sum(x.size for x in __import__("jax").tree.leaves(model.params))
-    print(f"loaded {model.path.name}: {n_params / 1e6:.1f}M parameters, {model.config.n_layers} "
+    weights = (f"{model.quant} weights, {param_bytes(model.params) / 2**20:.0f} MiB"
+               if model.quant else f"{n_params / 1e6:.1f}M parameters")
+    print(f"loaded {model.path.name}: {weights}, {model.config.n_layers} "
           f"layers, context {model.config.max_seq_len}, in {model.load_seconds:.1f} s",
           file=sys.stderr)
     return model
@@ -97,7 +111,8 @@ def _sampling(args):
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_tokens < 1:
         raise ConfigError("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1 and "
                           "--max-tokens >= 1")
-    return Sampling(args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    return Sampling(args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                    None if args.kv_cache == "float" else args.kv_cache)
 
 
 def _stream(pieces, stats) -> None:
@@ -123,8 +138,23 @@ def cmd_generate(args, extra) -> int:
         raise ConfigError("--prompt is empty")
     model = _load(args)
     stats = Stats()
+    if args.speculative:  # hpllm.infer.speculative: same output distribution, fewer passes
+        from hpllm.infer.drafts import make_draft, stream_speculative_text
+
+        make_draft(args.speculative, model, args.draft_layers)  # bad draft: error before output
+        pieces = stream_speculative_text(model, args.prompt, sampling, args.speculative,
+                                         args.gamma, args.draft_layers, stats=stats)
+    else:
+        pieces = complete(model, args.prompt, sampling, stats)
     print(args.prompt, end="", flush=True)
-    _stream(complete(model, args.prompt, sampling, stats), stats)
+    _stream(pieces, stats)
+    return 0
+
+
+def cmd_distill(args, extra) -> int:
+    from hpllm.compress.distill import distill
+
+    distill(args.model, minutes=args.minutes, dim=args.dim, n_layers=args.layers)
     return 0
 
 
@@ -162,7 +192,30 @@ def cmd_eval_ppl(args, extra) -> int:
     return 0
 
 
-MODEL_COMMANDS = ("pull", "generate", "chat", "eval-ppl")
+def cmd_quantize(args, extra) -> int:
+    from hpllm.compress.quantize import param_bytes, save_quantized
+
+    model = _load(args)
+    save_quantized(args.out, model.config, model.params, model.tokenizer, args.quant,
+                   group_size=args.group_size, threshold=args.threshold, source=str(model.path))
+    print(f"wrote {args.out}: {args.quant} weights, {param_bytes(model.params) / 2**20:.1f} MiB "
+          f"(load it with any model command; no --quant needed)")
+    return 0
+
+
+def _quant_args(p, required: bool = False) -> None:
+    from hpllm.compress.quantize import DEFAULT_GROUP_SIZE, DEFAULT_THRESHOLD, SCHEMES
+
+    p.add_argument("--quant", choices=SCHEMES, required=required, default=None if required
+                   else "", help="quantize the weights on load (default: as stored)")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                   help="int4: inputs per scale group")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="llm.int8: activation magnitude above which a feature is an outlier")
+
+
+MODEL_COMMANDS = ("pull", "generate", "chat", "eval-ppl", "quantize", "serve", "bench",
+                  "distill")
 
 
 def _model_parsers(sub) -> None:
@@ -177,6 +230,13 @@ def _model_parsers(sub) -> None:
         p.add_argument("model", help=model_help)
         if name == "generate":
             p.add_argument("--prompt", required=True)
+            p.add_argument("--speculative", choices=("draft", "self", "ngram"), default="",
+                           help="speculative decoding with a distilled draft (`hpllm distill`), "
+                                "the model's own first layers, or prompt n-gram lookup")
+            p.add_argument("--gamma", type=int, default=4, help="draft tokens per target pass "
+                           "(initial; adapted to the acceptance)")
+            p.add_argument("--draft-layers", type=int, default=0,
+                           help="--speculative self: layers in the draft (0 = a third)")
         else:
             p.add_argument("--system", default="", help="system message (default: the "
                                                         "template's own)")
@@ -186,14 +246,128 @@ def _model_parsers(sub) -> None:
         p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
         p.add_argument("--top-p", type=float, default=1.0 if name == "generate" else 0.9)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--kv-cache", choices=("float", "int8"), default="float",
+                       help="KV cache precision (int8: per-token-per-head scales)")
+        _quant_args(p)
         p.set_defaults(fn=fn)
+    p = sub.add_parser("distill", help="train a small draft model for --speculative draft "
+                                        "(KL to the model's logits on Shakespeare)")
+    p.add_argument("model", nargs="?", default="smollm2-135m", help=model_help)
+    p.add_argument("--minutes", type=float, default=8.0, help="wall-clock training budget")
+    p.add_argument("--dim", type=int, default=192)
+    p.add_argument("--layers", type=int, default=2)
+    p.set_defaults(fn=cmd_distill)
     p = sub.add_parser("eval-ppl", help="perplexity and bits/byte on the Shakespeare "
                                         "validation split")
     p.add_argument("model", help=model_help)
     p.add_argument("--tokens", type=int, default=16384,
                    help="evaluate the first N predicted tokens (0 = the whole split)")
     p.add_argument("--window", type=int, default=512, help="tokens per context window")
+    _quant_args(p)
     p.set_defaults(fn=cmd_eval_ppl)
+    p = sub.add_parser("quantize", help="save a quantized copy of a model (a directory)")
+    p.add_argument("model", help=model_help)
+    p.add_argument("out", help="output directory")
+    _quant_args(p, required=True)
+    p.set_defaults(fn=cmd_quantize)
+
+
+def cmd_serve(args, extra) -> int:
+    from hpllm.infer.engine import EngineConfig
+    from hpllm.serve.api import serve
+
+    ec = EngineConfig(block_size=args.block_size, kv_memory_mb=args.kv_memory,
+                      max_num_seqs=args.max_num_seqs,
+                      max_num_batched_tokens=args.max_num_batched_tokens,
+                      max_model_len=args.max_model_len, dtype=args.dtype,
+                      kv_dtype=args.kv_dtype, enable_prefix_caching=not args.no_prefix_caching)
+    try:
+        ec.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not 0 < args.port < 65536 or args.max_pending < 1 or args.drain_timeout < 0:
+        raise ConfigError("need 0 < --port < 65536, --max-pending >= 1, --drain-timeout >= 0")
+    return serve(args.model, args.host, args.port, ec, args.served_model_name,
+                 args.max_pending, args.drain_timeout, quant=args.quant,
+                 group_size=args.group_size, threshold=args.threshold)
+
+
+def cmd_bench_serve(args, extra) -> int:
+    import json
+    import math
+
+    from hpllm.serve.bench import bench_serve, format_summary
+
+    def span(text, name):
+        try:
+            lo, hi = (int(x) for x in text.split(":")) if ":" in text else (int(text),) * 2
+        except ValueError:
+            raise ConfigError(f"{name} wants N or LO:HI, got {text!r}") from None
+        if not 1 <= lo <= hi:
+            raise ConfigError(f"{name} wants 1 <= LO <= HI, got {text!r}")
+        return lo, hi
+
+    if args.num_prompts < 1 or args.concurrency < 0 or args.request_rate <= 0 \
+            or args.burstiness <= 0:
+        raise ConfigError("need --num-prompts >= 1, --concurrency >= 0, --request-rate > 0, "
+                          "--burstiness > 0")
+    summary = bench_serve(args.base_url, args.num_prompts, args.concurrency,
+                          args.request_rate, args.burstiness,
+                          span(args.prompt_len, "--prompt-len"),
+                          span(args.output_len, "--output-len"), args.seed, args.model)
+    rate = "inf" if math.isinf(args.request_rate) else f"{args.request_rate:g} req/s"
+    print(f"{summary['config']['model']} at {args.base_url}: {args.num_prompts} prompts, "
+          f"rate {rate}, concurrency {args.concurrency or 'unlimited'}")
+    print(format_summary(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    return 0 if summary["errors"] == 0 else 1
+
+
+def _serve_parsers(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, "
+                                     "streaming, /metrics)")
+    p.add_argument("model", help="registry name (smollm2-135m), a .gguf file or a Hugging Face "
+                                 "directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default="", help="the model id clients use "
+                                                           "(default: MODEL as given)")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="running sequences per step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=256,
+                   help="tokens per engine step (decodes + prefill chunks)")
+    p.add_argument("--kv-memory", type=float, default=256.0, help="KV cache pool size, MiB")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--max-model-len", type=int, default=0, help="0 = the model's context")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--kv-dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--max-pending", type=int, default=256,
+                   help="requests held at once (queued + running); more get HTTP 503")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds running requests get to finish after SIGTERM/SIGINT")
+    _quant_args(p)
+    p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("bench", help="benchmarks; `hpllm bench serve` loads a running server")
+    bench = p.add_subparsers(dest="bench_command", required=True)
+    p = bench.add_parser("serve", help="load a running OpenAI-compatible server with "
+                                       "Shakespeare prompts; TTFT, TPOT, ITL, throughput")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default="", help="model id and tokenizer (default: the "
+                                               "server's model, read from /v1/models)")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--concurrency", type=int, default=0, help="requests in flight at most "
+                                                              "(0 = no limit)")
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="mean arrivals per second (Poisson); inf = all at once")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of the inter-arrival times (1 = Poisson, < 1 burstier)")
+    p.add_argument("--prompt-len", default="32:256", help="prompt tokens, N or LO:HI")
+    p.add_argument("--output-len", default="16:128", help="output tokens, N or LO:HI")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="", help="write the summary (and per-request) here")
+    p.set_defaults(fn=cmd_bench_serve)
 
 
 def cmd_profile(args, extra) -> int:
@@ -222,6 +396,17 @@ def main(argv: list[str] | None = None) -> int:
         if name == "train":
             p.add_argument("--resume", action="store_true",
                            help="continue from the newest complete checkpoint in out_dir")
+            p.add_argument("--coordinator-address", default=None,
+                           help="host:port of process 0, for a multi-process run "
+                                "(or HPLLM_COORDINATOR_ADDRESS)")
+            p.add_argument("--num-processes", type=int, default=None,
+                           help="processes in the run (or HPLLM_NUM_PROCESSES)")
+            p.add_argument("--process-id", type=int, default=None,
+                           help="this process's index (or HPLLM_PROCESS_ID)")
+        if name in ("train", "config"):
+            p.add_argument("--mesh", default="",
+                           help="devices per mesh axis, e.g. data=2,fsdp=2,tensor=2 (axes: "
+                                "data, stage, fsdp, expert, tensor; one may be -1 = the rest)")
         if name == "hw":
             p.add_argument("--refresh", action="store_true",
                            help="measure again (do it on an idle machine) instead of the cache")
@@ -245,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", default="", help="write a roofline chart PNG here")
     p.set_defaults(fn=cmd_roofline)
     _model_parsers(sub)
+    _serve_parsers(sub)
     p = sub.add_parser("profile", help="trace training steps; time, FLOP/s and bandwidth by "
                                        "op category", epilog=USAGE_OVERRIDES)
     p.add_argument("--preset", default=DEFAULT_PRESET)

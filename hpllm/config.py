@@ -37,6 +37,11 @@ class ModelConfig:
     init_std: float = 0.02
     attention: str = "auto"  # reference, flash, flash_decode, pallas, or auto (by lengths)
     attention_window: int = 0  # sliding window in tokens; 0 = full causal attention
+    # mixture of experts (hpllm/model/moe.py); n_experts = 0: a dense SwiGLU MLP
+    n_experts: int = 0
+    experts_per_token: int = 2  # top-k routing
+    capacity_factor: float = 1.25  # slots per expert = ceil(cf * seq_len * k / E); 0 = dropless
+    router_aux_weight: float = 0.01  # load-balancing loss weight (Switch)
 
     @property
     def head_dim(self) -> int:
@@ -71,6 +76,13 @@ class ModelConfig:
                               f"got {self.attention!r}")
         if self.attention_window < 0:
             raise ConfigError(f"attention_window must be >= 0, got {self.attention_window}")
+        if self.n_experts < 0:
+            raise ConfigError(f"n_experts must be >= 0 (0 = dense MLP), got {self.n_experts}")
+        if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
+            raise ConfigError(f"experts_per_token must be in [1, n_experts={self.n_experts}], "
+                              f"got {self.experts_per_token}")
+        if self.capacity_factor < 0 or self.router_aux_weight < 0:
+            raise ConfigError("capacity_factor (0 = dropless) and router_aux_weight must be >= 0")
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError("rope_theta, norm_eps and init_std must be positive")
 
@@ -98,6 +110,7 @@ class TrainConfig:
     param_dtype: str = "float32"  # master weights and optimizer state
     compute_dtype: str = "bfloat16"  # activations and matmul inputs
     remat: str = "none"  # "none", "full" (recompute each layer), "dots" (save matmul outputs)
+    microbatches: int = 1  # GPipe microbatches per step when the mesh has stage > 1
     # bookkeeping
     seed: int = 0
     log_every: int = 10
@@ -125,9 +138,11 @@ class TrainConfig:
             raise ConfigError(f"tokenizer must be 'bpe' or 'byte', got {self.tokenizer!r}")
         if self.dataset != "shakespeare" and not self.data_dir:
             raise ConfigError(f"unknown dataset {self.dataset!r} (known: shakespeare; or set data_dir)")
-        for name in ["param_dtype", "compute_dtype"]:  # float16 needs loss scaling: not yet
-            if getattr(self, name) not in ("float32", "bfloat16"):
-                raise ConfigError(f"{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
+        if self.param_dtype not in ("float32", "bfloat16"):  # float16 masters lose updates
+            raise ConfigError(f"param_dtype must be float32 or bfloat16, got {self.param_dtype!r}")
+        if self.compute_dtype not in ("float32", "bfloat16", "float16"):  # float16: loss scaling
+            raise ConfigError(f"compute_dtype must be float32, bfloat16 or float16, got "
+                              f"{self.compute_dtype!r}")
         if self.remat not in ("none", "full", "dots"):
             raise ConfigError(f"remat must be none, full or dots, got {self.remat!r}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -136,6 +151,47 @@ class TrainConfig:
             raise ConfigError("beta1 and beta2 must be in [0, 1)")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("grad_clip and weight_decay must be >= 0")
+        if self.microbatches <= 0 or self.batch_size % self.microbatches:
+            raise ConfigError(f"microbatches ({self.microbatches}) must be positive and divide "
+                              f"batch_size ({self.batch_size})")
+
+
+MESH_AXES = ("data", "stage", "fsdp", "expert", "tensor")  # the device mesh's order: tensor
+# innermost (neighbouring devices, the most traffic), data outermost (once per step)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Devices along each mesh axis; one axis may be -1: all the devices the others leave."""
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+    stage: int = 1
+    expert: int = 1
+
+    def validate(self) -> None:
+        sizes = {name: getattr(self, name) for name in MESH_AXES}
+        for name, size in sizes.items():
+            if size == 0 or size < -1:
+                raise ConfigError(f"mesh axis {name} must be positive or -1 (the rest), got {size}")
+        if list(sizes.values()).count(-1) > 1:
+            raise ConfigError("at most one mesh axis may be -1, got "
+                              + ",".join(f"{k}={v}" for k, v in sizes.items() if v == -1))
+
+    @classmethod
+    def parse(cls, text: str) -> "MeshConfig":
+        """'data=2,fsdp=-1' -> MeshConfig(data=2, fsdp=-1); unnamed axes stay 1."""
+        sizes = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, eq, value = part.partition("=")
+            name = name.strip()
+            if not eq or name not in MESH_AXES:
+                raise ConfigError(f"cannot parse mesh {text!r}: want axis=size,... with axes "
+                                  f"{', '.join(MESH_AXES)}")
+            if name in sizes:
+                raise ConfigError(f"mesh axis {name} given twice in {text!r}")
+            sizes[name] = _parse_value(f"mesh axis {name}", value.strip(), int)
+        return cls(**sizes)
 
 
 @dataclass(frozen=True)
@@ -143,15 +199,27 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = "custom"
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
     def validate(self) -> "Config":
         self.model.validate()
         self.train.validate()
+        self.mesh.validate()
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"seq_len ({self.train.seq_len}) exceeds max_seq_len ({self.model.max_seq_len})")
         if self.train.tokenizer == "byte" and self.model.vocab_size < 259:
             raise ConfigError("the byte tokenizer needs vocab_size >= 259 (256 bytes + 3 specials)")
+        if self.mesh.expert > 1 and (not self.model.n_experts
+                                     or self.model.n_experts % self.mesh.expert):
+            raise ConfigError(f"mesh expert={self.mesh.expert} needs n_experts divisible by it, "
+                              f"got n_experts={self.model.n_experts}")
+        if self.mesh.stage > 1 and self.model.n_layers % self.mesh.stage:
+            raise ConfigError(f"mesh stage={self.mesh.stage} needs n_layers divisible by it, "
+                              f"got n_layers={self.model.n_layers}")
+        if self.mesh.stage > 1 and self.mesh.expert > 1:
+            raise ConfigError("expert parallelism inside pipeline stages is not supported: "
+                              "use mesh expert=1 with stage > 1 (MoE itself works)")
         return self
 
     def to_dict(self) -> dict:
@@ -160,7 +228,7 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         return cls(model=ModelConfig(**d["model"]), train=TrainConfig(**d["train"]),
-                   preset=d.get("preset", "custom"))
+                   preset=d.get("preset", "custom"), mesh=MeshConfig(**d.get("mesh", {})))
 
 
 # Presets. "tiny" is for tests; "shakespeare" is the default job: 3.5 M parameters, 400 steps
@@ -181,7 +249,7 @@ PRESETS["smollm2-135m"] = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9
                                norm_eps=1e-5, tie_embeddings=True, compute_dtype="float32")
 DEFAULT_PRESET = "shakespeare"
 
-_SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+_SECTIONS = {"model": ModelConfig, "train": TrainConfig, "mesh": MeshConfig}
 
 
 def _field_owner(key: str) -> str:
@@ -221,8 +289,16 @@ def _parse_value(key: str, raw: typing.Any, typ: typing.Any) -> typing.Any:
 
 def apply_overrides(config: Config, overrides: dict[str, typing.Any]) -> Config:
     """Return `config` with flat (`dim`) or dotted (`model.dim`) keys replaced, type-checked."""
-    sections = {"model": {}, "train": {}}
+    sections = {"model": {}, "train": {}, "mesh": {}}
     for key, raw in overrides.items():
+        if key == "mesh":  # --mesh=data=2,fsdp=2: the whole mesh in one value
+            if isinstance(raw, dict):  # from YAML: mesh: {data: 2}
+                raw = ",".join(f"{k}={v}" for k, v in raw.items())
+            parsed = MeshConfig.parse(raw) if isinstance(raw, str) else None
+            if parsed is None:
+                raise ConfigError(f"mesh expects axis=size,..., got {raw!r}")
+            sections["mesh"].update(dataclasses.asdict(parsed))
+            continue
         section, _, name = key.rpartition(".")
         section = section or _field_owner(name)
         if section not in _SECTIONS:
@@ -233,7 +309,8 @@ def apply_overrides(config: Config, overrides: dict[str, typing.Any]) -> Config:
             raise ConfigError(f"unknown config key {key!r}")
         sections[section][name] = _parse_value(key, raw, types[name])
     return replace(config, model=replace(config.model, **sections["model"]),
-                   train=replace(config.train, **sections["train"]))
+                   train=replace(config.train, **sections["train"]),
+                   mesh=replace(config.mesh, **sections["mesh"]))
 
 
 def load_preset(name: str) -> Config:

@@ -43,7 +43,8 @@ def test_flag_without_value_means_true():
     (["--remat=some"], "remat must be none, full or dots"),
     (["--steps=0"], "steps must be positive"),
     (["--val_fraction=1.5"], "val_fraction must be in (0, 1)"),
-    (["--compute_dtype=float16"], "compute_dtype must be float32 or bfloat16"),
+    (["--compute_dtype=float64"], "compute_dtype must be float32, bfloat16 or float16"),
+    (["--param_dtype=float16"], "param_dtype must be float32 or bfloat16"),
 ])
 def test_bad_overrides_name_the_problem(args, message):
     with pytest.raises(ConfigError) as err:

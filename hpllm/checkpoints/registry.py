@@ -94,20 +94,36 @@ def resolve(model: str) -> pathlib.Path:
 @dataclass(frozen=True)
 class PretrainedModel:
     config: ModelConfig
-    params: dict  # float32 JAX arrays
+    params: dict  # float32 JAX arrays (QuantizedWeight leaves when quantized)
     tokenizer: object  # hpllm.checkpoints.tokenizer.TextTokenizer
     path: pathlib.Path
     load_seconds: float  # reading, dequantizing and converting, not downloading
+    quant: str = ""  # weight quantization scheme (hpllm.compress.quantize), "" = float
 
 
-def load_model(model: str, progress: bool = True) -> PretrainedModel:
+def load_model(model: str, progress: bool = True, quant: str = "",
+               group_size: int = 64, threshold: float = 6.0) -> PretrainedModel:
+    """quant: quantize the matrices on load (hpllm.compress.quantize.SCHEMES; group_size for
+    int4, threshold for llm.int8). A checkpoint saved by `hpllm quantize` carries its scheme
+    and loads quantized without it."""
     import jax
 
     from hpllm.checkpoints.tokenizer import tokenizer_from_gguf, tokenizer_from_hf_dir
+    from hpllm.compress import quantize as qz
 
+    if quant:
+        qz.check_scheme(quant, group_size, threshold)  # before any loading
     path = resolve(model)
     start = time.perf_counter()
-    if path.is_dir():
+    saved_quant = ""
+    if path.is_dir() and qz.is_quantized_dir(path):
+        config, params, settings = qz.load_quantized(path)
+        tokenizer = tokenizer_from_hf_dir(path)
+        saved_quant = settings["scheme"]
+        if quant and quant != saved_quant:
+            raise ModelError(f"{path} is already quantized as {saved_quant}; cannot load it as "
+                             f"{quant} (quantize the original model instead)")
+    elif path.is_dir():
         from hpllm.checkpoints.hf import load_hf_dir
 
         config, params = load_hf_dir(path)
@@ -121,4 +137,7 @@ def load_model(model: str, progress: bool = True) -> PretrainedModel:
         raise ModelError(f"{path.name}: tokenizer has {tokenizer.vocab_size} tokens, the "
                          f"embedding only {config.vocab_size}")
     params = jax.device_put(params)
-    return PretrainedModel(config, params, tokenizer, path, time.perf_counter() - start)
+    if quant and not saved_quant:
+        params = qz.quantize_params(params, quant, group_size=group_size, threshold=threshold)
+    return PretrainedModel(config, params, tokenizer, path, time.perf_counter() - start,
+                           quant or saved_quant)

@@ -61,8 +61,9 @@ def _decode(params, token, position, cache, config, dtype):
 
 def generate(params, config: ModelConfig, prompt: list[int], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             stop_ids=(), dtype=jnp.float32):
-    """Yields new token ids one at a time (so callers can stream them)."""
+             stop_ids=(), dtype=jnp.float32, kv_dtype: str | None = None):
+    """Yields new token ids one at a time (so callers can stream them).
+    kv_dtype="int8" keeps the KV cache as int8 with per-token-per-head scales."""
     if not prompt:
         raise PromptError("generate needs a non-empty prompt")
     end = min(len(prompt) + max_new_tokens, config.max_seq_len)
@@ -70,7 +71,7 @@ def generate(params, config: ModelConfig, prompt: list[int], max_new_tokens: int
         raise PromptError(f"prompt of {len(prompt)} tokens leaves no room in max_seq_len "
                           f"{config.max_seq_len}")
     params = unstack_layers(params)  # decode reads each layer's weights as its own array
-    cache = init_cache(config, 1, _bucket(end, config.max_seq_len, 256), dtype)
+    cache = init_cache(config, 1, _bucket(end, config.max_seq_len, 256), dtype, kv_dtype)
     padded = prompt + [0] * (_bucket(len(prompt), cache["k"].shape[2]) - len(prompt))
     logits, cache = _prefill(params, jnp.asarray([padded], jnp.int32), jnp.int32(len(prompt)),
                              cache, config, dtype)

@@ -17,6 +17,7 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    kv_dtype: str | None = None  # "int8": int8 KV cache (hpllm.compress.quantize.quantize_kv)
 
 
 @dataclass
@@ -46,19 +47,27 @@ def stream_ids(model, prompt_ids: list[int], sampling: Sampling, stats: Stats | 
     if sampling.max_tokens <= 0:
         return
     tok = model.tokenizer
-    decoder = tok.stream()
     stats.prompt_tokens = len(prompt_ids)
+    yield from text_pieces(
+        generate(model.params, model.config, prompt_ids, sampling.max_tokens,
+                 temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                 seed=sampling.seed, stop_ids=tok.stop_ids, kv_dtype=sampling.kv_dtype),
+        tok, stats)
+
+
+def text_pieces(tokens, tokenizer, stats: Stats):
+    """Printable pieces of a stream of token ids, filling in `stats` as it runs and stopping
+    at the tokenizer's end-of-turn ids (shared by plain and speculative generation)."""
+    decoder = tokenizer.stream()
     start = time.perf_counter()
-    for token in generate(model.params, model.config, prompt_ids, sampling.max_tokens,
-                          temperature=sampling.temperature, top_k=sampling.top_k,
-                          top_p=sampling.top_p, seed=sampling.seed, stop_ids=tok.stop_ids):
+    for token in tokens:
         stats.tokens += 1
         stats.seconds = time.perf_counter() - start
         if stats.tokens == 1:
             stats.first_token_seconds = stats.seconds
         elif stats.tokens == 2:
             stats.second_token_seconds = stats.seconds
-        if token in tok.stop_ids:
+        if token in tokenizer.stop_ids:
             break
         yield decoder.push(token)
     yield decoder.flush()

@@ -3,6 +3,8 @@
 import jax
 import jax.numpy as jnp
 
+from hpllm.compress.quantize import project
+
 
 def rms_norm(x, weight, eps):
     """x / rms(x) * weight, with the statistics in float32 whatever the compute dtype."""
@@ -34,6 +36,6 @@ def apply_rope(x, cos, sin):
 
 def swiglu(x, w_gate, w_up, w_down):
     """Shazeer's SwiGLU MLP: down(silu(x @ gate) * (x @ up))."""
-    gate = jnp.einsum("bsd,df->bsf", x, w_gate)
-    up = jnp.einsum("bsd,df->bsf", x, w_up)
-    return jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate) * up, w_down)
+    gate = project(x, w_gate, "bsd,df->bsf")  # einsum, or a quantized weight's matmul
+    up = project(x, w_up, "bsd,df->bsf")
+    return project(jax.nn.silu(gate) * up, w_down, "bsf,fd->bsd")

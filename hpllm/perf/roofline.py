@@ -7,12 +7,16 @@ import dataclasses
 from hpllm.config import ModelConfig
 
 
-def matmul_params(config: ModelConfig) -> int:
+def matmul_params(config: ModelConfig, active_only: bool = True) -> int:
     """Weights that take part in a matmul per token: all layer projections and the output
-    projection (also when tied to the embedding). Embedding lookups and norm scales do not."""
+    projection (also when tied to the embedding). Embedding lookups and norm scales do not.
+    Mixture of experts: the router and the experts_per_token experts a token is sent to;
+    active_only=False counts every expert (the weights held in memory)."""
     c = config
     attn = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)  # wq, wo, wk, wv
     mlp = 3 * c.dim * c.hidden_dim
+    if c.n_experts:
+        mlp = c.dim * c.n_experts + mlp * (c.experts_per_token if active_only else c.n_experts)
     return c.n_layers * (attn + mlp) + c.dim * c.vocab_size
 
 
@@ -222,8 +226,9 @@ def predict(model: ModelConfig, workload: Workload, chip, mesh: MeshShape = Mesh
     tokens_dev = batch_dev * (1 if w.kind == "decode" else w.seq_len)
     hd, kvd = c.head_dim, c.n_kv_heads * c.head_dim
     qd = c.n_heads * hd
-    p_mm = matmul_params(c)
-    p_all = p_mm + (0 if c.tie_embeddings else c.vocab_size * c.dim) + c.n_layers * 2 * c.dim
+    p_mm = matmul_params(c)  # per token: MoE counts only the active experts
+    p_held = matmul_params(c, active_only=False)  # in memory: every expert
+    p_all = p_held + (0 if c.tie_embeddings else c.vocab_size * c.dim) + c.n_layers * 2 * c.dim
     train = w.kind == "train"
     passes = 3 if train else 1  # backward = two more matmuls per forward matmul
     notes = []
@@ -234,7 +239,7 @@ def predict(model: ModelConfig, workload: Workload, chip, mesh: MeshShape = Mesh
                                   + 2 * c.dim) + c.dim
     terms = [Term("weight matmuls", passes * 2 * (p_mm - c.dim * c.vocab_size) * tokens_dev
                   / mesh.tensor,
-                  passes * ((p_mm - c.dim * c.vocab_size) * cb / mesh.tensor
+                  passes * ((p_held - c.dim * c.vocab_size) * cb / mesh.tensor
                             + tokens_dev * act_per_token * cb / mesh.tensor)),
              Term("output projection", passes * 2 * c.dim * c.vocab_size * tokens_dev
                   / mesh.tensor,
@@ -306,6 +311,9 @@ def predict(model: ModelConfig, workload: Workload, chip, mesh: MeshShape = Mesh
                            "dots": 2 * c.dim + qd + 2 * kvd + 2 * c.hidden_dim,
                            "full": c.dim}[remat]
         acts = tokens_dev * c.n_layers * per_token_layer * cb / mesh.tensor
+        if mesh.tensor > 1 and remat != "full":  # the two gathered (whole) block inputs per
+            # layer that column-parallel matmuls read are kept for their weight gradients
+            acts += tokens_dev * c.n_layers * 2 * c.dim * cb * (1 - 1 / mesh.tensor)
         if remat == "full":  # one layer's activations live during its recomputation
             acts += tokens_dev * (6 * c.dim + 2 * qd + 2 * kvd + 3 * c.hidden_dim) * cb
         if dense and remat != "full":
@@ -316,6 +324,10 @@ def predict(model: ModelConfig, workload: Workload, chip, mesh: MeshShape = Mesh
         length = w.context if w.kind == "decode" else w.seq_len
         memory["kv_cache"] = 2 * c.n_layers * batch_dev * length * kvd * cb / mesh.tensor
         memory["activations"] = tokens_dev * (c.dim * 4 + c.vocab_size * 4)
+    if mesh.fsdp > 1:  # ZeRO-3's working set: one layer's weights (or the embedding table)
+        # gathered whole before use and, training, its float32 gradient before the scatter
+        largest = max((p_all - c.vocab_size * c.dim) / c.n_layers, c.vocab_size * c.dim)
+        memory["gathered weights"] = largest * (cb + (4 if train else 0)) / mesh.tensor
     memory["total"] = sum(memory.values())
     memory["capacity"] = chip.hbm_bytes
     if chip.hbm_bytes and memory["total"] > chip.hbm_bytes:

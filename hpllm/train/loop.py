@@ -18,6 +18,8 @@ from hpllm.checkpoints import orbax_io
 from hpllm.config import Config, ConfigError
 from hpllm.infer.generate import generate
 from hpllm.model.transformer import count_params
+from hpllm.parallel import distributed, sharding
+from hpllm.parallel import mesh as mesh_lib
 from hpllm.perf.hardware import current_chip
 from hpllm.perf.roofline import train_flops_per_token
 from hpllm.train import data as data_lib
@@ -52,16 +54,19 @@ class MetricsLog:
     """metrics.jsonl, one record per line; on resume, records after the restored step (from
     the interrupted run's tail that no checkpoint covers) are dropped."""
 
-    def __init__(self, path: pathlib.Path, resume_step: int | None):
-        self.path = path
+    def __init__(self, path: pathlib.Path, resume_step: int | None, write: bool = True):
+        self.path, self.write = path, write  # write=False: a non-primary process keeps records
         self.records = []
         if resume_step is not None and path.exists():
             self.records = [r for r in map(json.loads, path.read_text().splitlines())
                             if r["step"] <= resume_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        if write:
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def append(self, record: dict) -> None:
         self.records.append(record)
+        if not self.write:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -86,11 +91,16 @@ class MetricsLog:
         plt.close(fig)
 
 
-def _abstract_state(config: Config):
-    """Shapes/dtypes/shardings of the state, without allocating it (for restore)."""
+def _abstract_state(config: Config, mesh=None):
+    """Shapes/dtypes/shardings of the state, without allocating it (for restore; on a mesh,
+    each process reads only its shards, whatever mesh the checkpoint was saved from)."""
     shapes = jax.eval_shape(lambda: init_state(config, jax.random.key(0)))
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+    if mesh is not None:
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, sharding.state_shardings(config, mesh))
+    sharding_ = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding_),
+                        shapes)
 
 
 def _check_resumable(saved: dict, config: Config) -> None:
@@ -111,6 +121,10 @@ def train(config: Config, log=print, on_step=None) -> TrainResult:
     config.validate()
     tc = config.train
     t_start = time.perf_counter()
+    mesh = sharding.training_mesh(config)  # None: one device
+    primary = distributed.is_primary()  # only process 0 logs and writes the run's files
+    if not primary:
+        log = lambda *args, **kwargs: None  # noqa: E731
     out_dir = pathlib.Path(tc.out_dir)
     ckpt_dir = out_dir / "checkpoints"
 
@@ -123,11 +137,19 @@ def train(config: Config, log=print, on_step=None) -> TrainResult:
     if resume_step is not None:
         _check_resumable(orbax_io.restore_metadata(ckpt_dir, resume_step)["config"], config)
 
+    if not primary:  # process 0 builds the data cache first; the others then read it
+        distributed.barrier("hpllm data prepared")
     data = data_lib.prepare_data(config)
+    if primary:
+        distributed.barrier("hpllm data prepared")
     log(data.summary())
     out_dir.mkdir(parents=True, exist_ok=True)
-    data.tokenizer.save(out_dir / "tokenizer.json")
-    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    if primary:
+        data.tokenizer.save(out_dir / "tokenizer.json")
+        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    if mesh is not None:
+        log(f"mesh: {mesh_lib.describe(mesh)} over {mesh.size} devices in "
+            f"{jax.process_count()} process(es)")
 
     chip = current_chip()
     peak = chip.peak(tc.compute_dtype)
@@ -138,18 +160,38 @@ def train(config: Config, log=print, on_step=None) -> TrainResult:
         f"{flops_per_token / 1e6:.1f} MFLOP/token trained; "
         f"{chip.name}: peak {peak / 1e12:.3f} TFLOP/s {tc.compute_dtype} per device "
         f"({'measured' if chip.measured else 'datasheet'})")
+    if config.model.n_experts:
+        m = config.model
+        log(f"mixture of experts: {m.experts_per_token} of {m.n_experts} experts per token "
+            f"(FLOPs count only those), capacity factor {m.capacity_factor or 'dropless'}, "
+            f"aux loss weight {m.router_aux_weight}")
+    if config.mesh.stage > 1:
+        from hpllm.parallel.pipeline import bubble_fraction
+
+        log(f"pipeline: GPipe, {config.mesh.stage} stages x {tc.microbatches} microbatches, "
+            f"bubble {100 * bubble_fraction(config.mesh.stage, tc.microbatches):.1f}% of "
+            "stage-steps idle")
 
     if resume_step is not None:
-        state, _ = orbax_io.restore(ckpt_dir, resume_step, _abstract_state(config))
+        state, _ = orbax_io.restore(ckpt_dir, resume_step, _abstract_state(config, mesh))
         log(f"resumed from step {resume_step} ({ckpt_dir})")
+    elif mesh is not None:  # created in place, sharded: never whole on one device
+        state = sharding.init_sharded_state(config, mesh, jax.random.key(tc.seed))
     else:
         state = jax.jit(init_state, static_argnums=0)(config, jax.random.key(tc.seed))
     start = int(state["step"])
     n_devices = len(state["step"].sharding.device_set)  # the devices the step runs on
-    metrics_log = MetricsLog(out_dir / "metrics.jsonl", start if resume_step is not None else None)
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl", start if resume_step is not None else None,
+                             write=primary)
 
-    step_fn, eval_fn = jit_train_step(config), jit_eval_step(config)
+    step_fn, eval_fn = jit_train_step(config, mesh), jit_eval_step(config, mesh)
     eval_batches = data.val.eval_batches(tc.eval_tokens)
+    batch_fn, transfer = data.train.batch_at, jax.device_put
+    if mesh is not None:  # each process builds only its rows of each batch
+        rows = sharding.batch_sharding(mesh)
+        batch_fn, transfer = distributed.sharded_batches(data.train, rows), lambda b: b
+        sharded_eval = eval_fn
+        eval_fn = lambda p, b: sharded_eval(p, distributed.place_batch(b, rows))  # noqa: E731
 
     def save(step: int) -> None:
         meta = {"config": config.to_dict(),
@@ -158,10 +200,10 @@ def train(config: Config, log=print, on_step=None) -> TrainResult:
 
     last_loss = float("nan")
     window = {"t": time.perf_counter(), "wait": 0.0, "steps": 0}
-    bar = tqdm(total=tc.steps, initial=start, disable=not tc.progress, unit="step",
+    bar = tqdm(total=tc.steps, initial=start, disable=not (tc.progress and primary), unit="step",
                dynamic_ncols=True, file=sys.stderr)
-    log_line = (lambda s: bar.write(s)) if tc.progress else log
-    prefetcher = data_lib.Prefetcher(data.train.batch_at, start, tc.prefetch)
+    log_line = (lambda s: bar.write(s)) if tc.progress and primary else log
+    prefetcher = data_lib.Prefetcher(batch_fn, start, tc.prefetch, transfer)
     try:
         for step in range(start, tc.steps):
             wait0 = prefetcher.wait_seconds
@@ -184,6 +226,12 @@ def train(config: Config, log=print, on_step=None) -> TrainResult:
                 record = {"step": done, "loss": last_loss, "lr": float(metrics["lr"]),
                           "grad_norm": float(metrics["grad_norm"])}
                 line = f"step {done:>6}/{tc.steps} | loss {last_loss:.4f}"
+                if "aux_loss" in metrics:  # mixture of experts: balance and capacity drops
+                    record.update(aux_loss=float(metrics["aux_loss"]),
+                                  dropped=int(metrics["dropped"]),
+                                  dropped_fraction=float(metrics["dropped_fraction"]))
+                    line += (f" | aux {record['aux_loss']:.3f} | dropped {record['dropped']} "
+                             f"({100 * record['dropped_fraction']:.1f}%)")
                 if window["steps"]:  # throughput since the last line, the compile excluded
                     elapsed = time.perf_counter() - window["t"]
                     tok_s = window["steps"] * tokens_per_step / elapsed
@@ -219,13 +267,16 @@ def train(config: Config, log=print, on_step=None) -> TrainResult:
 
     final = evaluate(state["params"], data.val.eval_batches(0), eval_fn)
     metrics_log.append({"step": tc.steps, **final, "split": "full validation"})
-    metrics_log.plot(out_dir / "loss.png")
+    if primary:
+        metrics_log.plot(out_dir / "loss.png")
     seconds = time.perf_counter() - t_start
     log(f"final: validation loss {final['val_loss']:.4f} nats/token, "
         f"{final['val_bpb']:.3f} bits/byte over {final['val_tokens']} held-out tokens; "
         f"total time {seconds:.0f} s; curve {out_dir / 'loss.png'}, metrics "
         f"{out_dir / 'metrics.jsonl'}")
-    if tc.sample_tokens:
+    if tc.sample_tokens and jax.process_count() > 1:
+        log("no sample: generation runs in one process (its params are split over several)")
+    elif tc.sample_tokens:
         for label, temperature in (("greedy", 0.0), ("sampled (T=0.8, top-k 50)", 0.8)):
             text = sample_text(state["params"], config, data.tokenizer, tc.sample_prompt,
                                tc.sample_tokens, temperature=temperature, top_k=50, seed=tc.seed)

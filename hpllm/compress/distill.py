@@ -1,0 +1,125 @@
+"""Knowledge distillation of a small draft model from a pretrained target (`hpllm distill`).
+
+The student is a tiny Llama on the target's tokenizer and vocabulary (so its next-token
+distribution is comparable token for token, as speculative decoding needs), with tied
+embeddings initialised from the target's embedding projected onto its top principal
+directions. It is trained on Shakespeare windows (the training split of `hpllm train`, tokenized
+by the target's tokenizer) to minimise KL(target || student) of the next-token distributions,
+the target's logits computed on the fly. The result is cached under
+<cache>/distilled/<model>/ (params.npz + config.json) and loaded by `load_distilled`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hpllm.cache import cache_dir
+from hpllm.config import ModelConfig
+from hpllm.model.transformer import forward, init_params
+
+
+def distilled_dir(model: str = "smollm2-135m"):
+    return cache_dir() / "distilled" / model
+
+
+def student_config(target: ModelConfig, dim: int = 192, n_layers: int = 2) -> ModelConfig:
+    head_dim = target.head_dim
+    if dim % head_dim:
+        raise ValueError(f"student dim {dim} must be a multiple of the target's head dim "
+                         f"{head_dim}")
+    return dataclasses.replace(target, dim=dim, n_layers=n_layers, n_heads=dim // head_dim,
+                               n_kv_heads=1, ffn_dim=0, tie_embeddings=True, n_experts=0)
+
+
+def kl_loss(student_params, teacher_logits, tokens, config: ModelConfig):
+    """Mean over tokens of KL(teacher || student) in nats."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1])[None], tokens.shape)
+    logits, _ = forward(student_params, tokens, positions, config)
+    log_q = jax.nn.log_softmax(logits, axis=-1)
+    log_p = jax.nn.log_softmax(teacher_logits, axis=-1)
+    return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
+
+
+def distill(model: str = "smollm2-135m", *, minutes: float = 8.0, steps: int = 10_000,
+            batch: int = 4, window: int = 128, dim: int = 192, n_layers: int = 2,
+            lr: float = 3e-3, seed: int = 0, log=print) -> dict:
+    """Train and cache a draft for `model`; stops after `steps` or `minutes` of wall time."""
+    from hpllm.checkpoints.registry import load_model
+    from hpllm.config import TrainConfig
+    from hpllm.train.data import load_documents, split_documents
+
+    target = load_model(model, progress=False)
+    tc = TrainConfig()
+    train_docs, _ = split_documents(load_documents(tc), tc.val_fraction, tc.seed)
+    ids = np.concatenate([np.asarray(target.tokenizer.encode(d.text), np.int32)
+                          for d in train_docs])
+    cfg = student_config(target.config, dim, n_layers)
+    params = init_params(cfg, jax.random.key(seed))
+    # PCA of the target's embedding: the student starts with its token geometry.
+    emb = np.asarray(target.params["embed"], np.float32)
+    _, _, vt = np.linalg.svd(emb - emb.mean(0), full_matrices=False)
+    params["embed"] = jnp.asarray(emb @ vt[:dim].T)
+    opt = optax.chain(optax.clip_by_global_norm(1.0),
+                      optax.adamw(optax.warmup_cosine_decay_schedule(0, lr, 20, steps, lr / 10),
+                                  weight_decay=0.0))
+    opt_state = opt.init(params)
+
+    # The teacher's weights are an argument, not a closure: closed-over arrays become
+    # constants that XLA folds at compile time (minutes for the 49152 x 576 embedding).
+    @jax.jit
+    def teacher(teacher_params, tokens):
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1])[None], tokens.shape)
+        return forward(teacher_params, tokens, positions, target.config)[0]
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, tokens, teacher_logits):
+        loss, grads = jax.value_and_grad(kl_loss)(params, teacher_logits, tokens, cfg)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    rng = np.random.default_rng(seed)
+    start, losses = time.perf_counter(), []
+    for i in range(steps):
+        offsets = rng.integers(0, len(ids) - window, batch)
+        tokens = jnp.asarray(np.stack([ids[o:o + window] for o in offsets]))
+        params, opt_state, loss = step(params, opt_state, tokens,
+                                       teacher(target.params, tokens))
+        losses.append(float(loss))
+        elapsed = time.perf_counter() - start
+        if i % 10 == 0:
+            log(f"step {i}: KL {np.mean(losses[-20:]):.3f} nats/token, {elapsed:.0f} s")
+        if elapsed > minutes * 60:
+            break
+    out = distilled_dir(model)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    np.savez(out / "params.npz", **flat)
+    summary = {"config": dataclasses.asdict(cfg), "steps": i + 1, "seconds": elapsed,
+               "final_kl": float(np.mean(losses[-10:])), "model": model}
+    (out / "config.json").write_text(json.dumps(summary, indent=1))
+    log(f"saved {out} after {i + 1} steps: KL {summary['final_kl']:.3f}")
+    return summary
+
+
+def load_distilled(model: str = "smollm2-135m"):
+    """(ModelConfig, params) of the cached draft; FileNotFoundError when `hpllm distill` has
+    not been run for this model."""
+    out = distilled_dir(model)
+    if not (out / "params.npz").exists():
+        raise FileNotFoundError(f"no distilled draft for {model} in {out}: run `hpllm distill`")
+    summary = json.loads((out / "config.json").read_text())
+    cfg = ModelConfig(**summary["config"])
+    template = init_params(cfg, jax.random.key(0))
+    stored = np.load(out / "params.npz")
+    leaves = [jnp.asarray(stored[jax.tree_util.keystr(k)])
+              for k, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
+    return cfg, jax.tree.unflatten(jax.tree.structure(template), leaves)

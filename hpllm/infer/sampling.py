@@ -1,0 +1,264 @@
+"""Sampling parameters of a request and the batched sampler of the engine.
+
+One jitted function samples a whole batch whose rows have different parameters (each row's
+temperature, top-k, ... arrive as arrays), so a batch never has to be split by parameters.
+Order of the logit processors, per row (as vLLM/HF do it):
+  penalties (repetition over prompt + output; presence and frequency over output)
+  -> greedy argmax if temperature == 0, else: / temperature -> top-k -> top-p -> min-p -> draw.
+Randomness: row r's key is fold_in(fold_in(key(seed), sample_index), n_generated), so a
+request's draws depend only on its own seed and progress, never on what else is batched.
+Log-probabilities reported are those of the model's raw distribution (log_softmax of the
+logits before penalties and temperature).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAX_LOGPROBS = 20
+
+
+class SamplingError(ValueError):
+    """Sampling parameters that cannot be used; the message names the parameter."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1  # independent samples of the prompt (they share its KV blocks)
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 or -1 = off
+    top_p: float = 1.0
+    min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and output
+    presence_penalty: float = 0.0  # subtracted once from tokens already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    seed: int | None = None  # None: drawn by the engine
+    stop: tuple[str, ...] = ()  # stop strings (not included in the output)
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the model's end-of-turn tokens
+    ignore_eos: bool = False
+    min_tokens: int = 0  # stop tokens/strings are ignored before this many tokens
+    logprobs: int | None = None  # None: none; k: the chosen token's and the top k's
+
+    def __post_init__(self):
+        # Accept lists (JSON) for the tuple fields; keep the dataclass hashable.
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            object.__setattr__(self, name, tuple(value) if value is not None else ())
+
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        def check(ok, param, message):
+            if not ok:
+                raise SamplingError(f"{param}: {message}", param)
+
+        def is_int(x):
+            return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+        def is_num(x):
+            return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+        for name in ("n", "max_tokens", "top_k", "min_tokens"):
+            check(is_int(getattr(self, name)), name, f"must be an integer, got "
+                  f"{getattr(self, name)!r}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            value = getattr(self, name)
+            check(is_num(value) and np.isfinite(value), name,
+                  f"must be a finite number, got {value!r}")
+        check(1 <= self.n <= 64, "n", f"must be between 1 and 64, got {self.n}")
+        check(self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}")
+        check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        check(self.top_k >= -1, "top_k", f"must be -1, 0 (off) or positive, got {self.top_k}")
+        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
+        check(self.repetition_penalty > 0, "repetition_penalty",
+              f"must be > 0, got {self.repetition_penalty}")
+        check(-2 <= self.presence_penalty <= 2, "presence_penalty",
+              f"must be in [-2, 2], got {self.presence_penalty}")
+        check(-2 <= self.frequency_penalty <= 2, "frequency_penalty",
+              f"must be in [-2, 2], got {self.frequency_penalty}")
+        check(self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**63), "seed",
+              f"must be a non-negative integer, got {self.seed!r}")
+        check(0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+              f"must be in [0, max_tokens], got {self.min_tokens}")
+        check(self.logprobs is None or (is_int(self.logprobs)
+                                        and 0 <= self.logprobs <= MAX_LOGPROBS),
+              "logprobs", f"must be between 0 and {MAX_LOGPROBS}, got {self.logprobs!r}")
+        check(all(isinstance(s, str) and s for s in self.stop), "stop",
+              "must be non-empty strings")
+        for t in self.stop_token_ids:
+            check(is_int(t) and 0 <= t and (vocab_size is None or t < vocab_size),
+                  "stop_token_ids", f"{t!r} is not a token id")
+        if self.n > 1 and self.temperature == 0:
+            raise SamplingError("n: n > 1 needs temperature > 0 (greedy samples would all be "
+                                "the same)", "n")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+    @property
+    def has_filters(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
+
+def _bucket(n: int, smallest: int = 1) -> int:
+    return max(smallest, 1 << max(0, n - 1).bit_length())
+
+
+@dataclass
+class SampleRow:
+    """What the sampler needs about one row of the batch."""
+    params: SamplingParams
+    seed: int
+    sample_index: int
+    n_generated: int
+    prompt_ids: list[int]
+    output_ids: list[int]
+
+
+@dataclass
+class Sampled:
+    tokens: np.ndarray  # (B,) int
+    logprobs: np.ndarray | None  # (B,) chosen tokens' log-probabilities
+    top_ids: np.ndarray | None  # (B, k) the k most likely ids
+    top_logprobs: np.ndarray | None
+
+
+def sample(logits, rows: list[SampleRow]) -> Sampled:
+    """Sample one token for each of the first len(rows) rows of `logits` (B', V), B' >= B
+    (padding rows are ignored)."""
+    b = len(rows)
+    pad = logits.shape[0]
+    params = [r.params for r in rows]
+    penalties = any(p.has_penalties for p in params)
+    filters = any(p.has_filters and not p.greedy for p in params)
+    all_greedy = all(p.greedy for p in params)
+    n_top = max((p.logprobs or 0) for p in params)
+    want_logprobs = any(p.logprobs is not None for p in params)
+
+    def column(values, dtype):
+        out = np.zeros(pad, dtype)
+        out[:b] = values
+        return out
+
+    arrays = dict(
+        temperature=column([p.temperature for p in params], np.float32),
+        top_k=column([p.top_k if p.top_k > 0 else 0 for p in params], np.int32),
+        top_p=column([p.top_p for p in params], np.float32) + (np.arange(pad) >= b),
+        min_p=column([p.min_p for p in params], np.float32),
+        seed=column([r.seed & 0xFFFFFFFF for r in rows], np.uint32),
+        sample_index=column([r.sample_index for r in rows], np.int32),
+        step=column([r.n_generated for r in rows], np.int32),
+    )
+    if penalties:
+        arrays.update(
+            repetition=column([p.repetition_penalty for p in params], np.float32) + (
+                np.arange(pad) >= b),
+            presence=column([p.presence_penalty for p in params], np.float32),
+            frequency=column([p.frequency_penalty for p in params], np.float32),
+            prompt_ids=_pad_ids([r.prompt_ids for r in rows], pad),
+            output_ids=_pad_ids([r.output_ids for r in rows], pad),
+        )
+    out = _sample_batch(logits, arrays, penalties=penalties, filters=filters,
+                        all_greedy=all_greedy, n_top=_bucket(n_top) if n_top else 0,
+                        want_logprobs=want_logprobs)
+    out = jax.device_get(out)
+    tokens = out["tokens"][:b]
+    if not want_logprobs:
+        return Sampled(tokens, None, None, None)
+    top_ids = out["top_ids"][:b] if n_top else None
+    top_lp = out["top_logprobs"][:b] if n_top else None
+    return Sampled(tokens, out["logprobs"][:b], top_ids, top_lp)
+
+
+def _pad_ids(lists, rows: int) -> np.ndarray:
+    """Token id lists as a (rows, bucket) array padded with -1 (ignored)."""
+    width = _bucket(max((len(x) for x in lists), default=1), 16)
+    out = np.full((rows, width), -1, np.int32)
+    for i, ids in enumerate(lists):
+        out[i, :len(ids)] = ids
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("penalties", "filters", "all_greedy", "n_top",
+                                             "want_logprobs"))
+def _sample_batch(logits, a, *, penalties, filters, all_greedy, n_top, want_logprobs):
+    logits = logits.astype(jnp.float32)
+    raw = logits
+    if penalties:
+        logits = apply_penalties(logits, a["prompt_ids"], a["output_ids"], a["repetition"],
+                                 a["presence"], a["frequency"])
+    greedy_tokens = jnp.argmax(logits, axis=-1)
+    if all_greedy:
+        tokens = greedy_tokens
+    else:
+        t = a["temperature"][:, None]
+        scaled = logits / jnp.where(t > 0, t, 1.0)
+        if filters:
+            scaled = _filter(scaled, a["top_k"], a["top_p"], a["min_p"])
+        keys = jax.vmap(lambda s, i, n: jax.random.fold_in(
+            jax.random.fold_in(jax.random.key(s), i), n))(a["seed"], a["sample_index"],
+                                                          a["step"])
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled)
+        tokens = jnp.where(a["temperature"] > 0, drawn, greedy_tokens)
+    out = {"tokens": tokens}
+    if want_logprobs:
+        logprobs = jax.nn.log_softmax(raw, axis=-1)
+        out["logprobs"] = jnp.take_along_axis(logprobs, tokens[:, None], axis=1)[:, 0]
+        if n_top:
+            out["top_logprobs"], out["top_ids"] = jax.lax.top_k(logprobs, n_top)
+    return out
+
+
+def apply_penalties(logits, prompt_ids, output_ids, repetition, presence, frequency):
+    """logits (B, V); id arrays (B, n) padded with -1; per-row penalties (B,). Repetition
+    (CTRL/HF): a seen token's logit is divided by r if positive, multiplied if negative.
+    Presence/frequency (OpenAI): minus p once, minus f per occurrence in the output."""
+    bsz, vocab = logits.shape
+    rows = jnp.arange(bsz)[:, None]
+
+    def counts(ids):
+        return jnp.zeros((bsz, vocab), jnp.int32).at[rows, jnp.maximum(ids, 0)].add(ids >= 0)
+
+    out_counts = counts(output_ids)
+    seen = (out_counts + counts(prompt_ids)) > 0
+    r = repetition[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / r, logits * r), logits)
+    return logits - frequency[:, None] * out_counts - presence[:, None] * (out_counts > 0)
+
+
+def _filter(logits, top_k, top_p, min_p):
+    """Per-row top-k (0 = off), then top-p over what is left, then min-p; masked -> -inf.
+    The most likely token always survives."""
+    vocab = logits.shape[-1]
+    ranked = jnp.sort(logits, axis=-1)[:, ::-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    in_top_k = jnp.arange(vocab)[None] < k[:, None]
+    kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=1)
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    ranked = jnp.where(in_top_k, ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(mass_before < top_p[:, None], ranked, jnp.inf), axis=-1,
+                     keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.where(probs < min_p[:, None] * probs.max(-1, keepdims=True), -jnp.inf, logits)

@@ -1,0 +1,30 @@
+"""Request workloads for the serving benchmarks: prompts cut from the Shakespeare validation
+split (real text, tokenized by the model's own tokenizer) with lengths from a stated
+distribution and a fixed seed, so runs are comparable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int
+
+
+def shakespeare_requests(tokenizer, n: int, prompt_len=(32, 256), output_len=(16, 128),
+                         seed: int = 0) -> list[Request]:
+    """n requests: prompt lengths and output lengths uniform in the given inclusive ranges
+    (tokens); each prompt is a window of the validation split starting at a random token."""
+    from hpllm.infer.perplexity import shakespeare_validation_texts
+
+    text = "\n\n".join(shakespeare_validation_texts())
+    ids = tokenizer.encode(text[:2_000_000], bos=False)
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(prompt_len[0], prompt_len[1] + 1, n)
+    outputs = rng.integers(output_len[0], output_len[1] + 1, n)
+    starts = rng.integers(0, len(ids) - prompt_len[1], n)
+    return [Request(list(ids[s:s + p]), int(o)) for s, p, o in zip(starts, prompts, outputs)]

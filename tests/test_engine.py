@@ -1,0 +1,211 @@
+"""The paged, continuously batched engine against single-sequence greedy decoding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hpllm.config import ModelConfig
+from hpllm.infer.engine import LLM, EngineConfig, EngineCore
+from hpllm.infer.generate import PromptError, generate
+from hpllm.infer.sampling import SamplingError, SamplingParams
+from hpllm.model.transformer import forward, init_params
+
+CFG = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
+                  init_std=0.2)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.key(0))
+
+
+@jax.jit
+def _last_logits(params, tokens, length):
+    positions = jnp.arange(tokens.shape[1])[None]
+    logits, _ = forward(params, tokens, positions, CFG, attn_impl="reference")
+    return logits[0, length - 1]
+
+
+def greedy_reference(params, prompt, max_tokens):
+    """The plainest single-sequence greedy decoding: no KV cache at all, the whole sequence
+    re-run for every token (one compiled shape)."""
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        padded = jnp.asarray([tokens + [0] * (CFG.max_seq_len - len(tokens))], jnp.int32)
+        tokens.append(int(jnp.argmax(_last_logits(params, padded, len(tokens)))))
+    return tokens[len(prompt):]
+
+
+def _prompts(seed, count, shared_prefix=0):
+    rng = np.random.default_rng(seed)
+    prefix = list(rng.integers(0, CFG.vocab_size, shared_prefix))
+    return [prefix + list(rng.integers(0, CFG.vocab_size, int(n)))
+            for n in rng.integers(1, 45, count)]
+
+
+def _run(engine, prompts, params_list):
+    for i, (p, sp) in enumerate(zip(prompts, params_list)):
+        engine.add_request(str(i), p, sp)
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    engine.blocks.check_no_leak()
+    return [done[str(i)] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("name,engine_config,shared", [
+    ("batched", EngineConfig(block_size=16, num_blocks=64), 0),
+    ("chunked prefill", EngineConfig(block_size=5, num_blocks=200, max_num_batched_tokens=7), 0),
+    ("prefix cache", EngineConfig(block_size=4, num_blocks=200, max_num_seqs=3), 21),
+    ("preemption", EngineConfig(block_size=4, num_blocks=24, max_num_batched_tokens=32), 0),
+])
+def test_greedy_engine_equals_single_sequence_decoding(params, name, engine_config, shared):
+    prompts = _prompts(len(name), 6, shared)
+    max_tokens = [int(n) for n in np.random.default_rng(1).integers(1, 30, len(prompts))]
+    engine = EngineCore(params, CFG, None, engine_config)
+    outs = _run(engine, prompts, [SamplingParams(temperature=0, max_tokens=m)
+                                  for m in max_tokens])
+    for prompt, m, out in zip(prompts, max_tokens, outs):
+        assert out.outputs[0].token_ids == greedy_reference(params, prompt, m)
+        assert out.outputs[0].finish_reason == "length"
+    stats = engine.stats()
+    assert stats["generation_tokens"] == sum(max_tokens)
+    if name == "prefix cache":  # the shared 21-token prefix = 5 cached blocks per later request
+        assert stats["prefix_hits"] >= 5 * 4 * (len(prompts) - 3)  # after the first 3 ran
+        assert max(o.num_cached_tokens for o in outs) == 20
+    if name == "preemption":
+        assert stats["preemptions"] > 0
+    if name == "chunked prefill":
+        assert stats["steps"] > sum(len(p) for p in prompts) / 7
+
+
+def test_output_does_not_depend_on_the_batch(params):
+    prompt = _prompts(5, 1)[0]
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, seed=3)
+    alone = _run(EngineCore(params, CFG, None, EngineConfig(block_size=8, num_blocks=64)),
+                 [prompt, prompt], [greedy, sampled])
+    others = _prompts(6, 5)
+    crowd = _run(EngineCore(params, CFG, None, EngineConfig(block_size=8, num_blocks=64)),
+                 others[:3] + [prompt, prompt] + others[3:],
+                 [SamplingParams(temperature=1.0, max_tokens=9)] * 3 + [greedy, sampled]
+                 + [SamplingParams(temperature=0, max_tokens=5)] * 2)
+    assert [o.outputs[0].token_ids for o in alone] == [o.outputs[0].token_ids
+                                                       for o in crowd[3:5]]
+
+
+def test_parallel_samples_share_the_prompt_blocks(params):
+    prompt = [(7 * i) % CFG.vocab_size for i in range(37)]  # ends inside a block
+    engine = EngineCore(params, CFG, None, EngineConfig(block_size=8, num_blocks=64))
+    sp = SamplingParams(n=4, temperature=1.0, max_tokens=10, seed=11, logprobs=2)
+    engine.add_request("a", prompt, sp)
+    engine.step()  # prefill and the first 4 samples
+    tables = [s.table.blocks for s in engine.requests["a"].seqs]
+    assert len(tables) == 4 and all(t[:-1] == tables[0][:-1] for t in tables)
+    used = engine.blocks.num_usable - engine.blocks.num_free
+    assert used == len(tables[0])  # one copy of the prompt, however many samples
+    while engine.has_unfinished():
+        for out in engine.step():
+            final = out
+    engine.blocks.check_no_leak()
+    assert engine.blocks.stats.copies >= 3  # each sample copied the shared partial block
+    texts = [tuple(o.token_ids) for o in final.outputs]
+    assert len(set(texts)) > 1 and all(len(t) == 10 for t in texts)
+    assert all(len(o.logprobs) == 10 and len(o.logprobs[0]["top"]) == 2 for o in final.outputs)
+    again = _run(EngineCore(params, CFG, None, EngineConfig(block_size=8, num_blocks=64)),
+                 [prompt], [sp])[0]
+    assert [tuple(o.token_ids) for o in again.outputs] == texts  # seeded: reproducible
+
+
+def test_stop_token_min_tokens_and_abort(params):
+    prompt = _prompts(8, 1)[0]
+    free_run = greedy_reference(params, prompt, 20)
+    stop = free_run[4]
+    first = free_run.index(stop)
+    engine = EngineCore(params, CFG, None, EngineConfig(block_size=4, num_blocks=64))
+    out = _run(engine, [prompt], [SamplingParams(temperature=0, max_tokens=20,
+                                                 stop_token_ids=[stop])])[0].outputs[0]
+    assert out.token_ids == free_run[:first + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+    out = _run(engine, [prompt], [SamplingParams(temperature=0, max_tokens=20, min_tokens=first + 1,
+                                                 stop_token_ids=[stop])])[0].outputs[0]
+    assert len(out.token_ids) > first + 1
+    engine.add_request("x", prompt, SamplingParams(temperature=0, max_tokens=50))
+    engine.add_request("y", prompt[:3], SamplingParams(temperature=0, max_tokens=50))
+    for _ in range(3):
+        engine.step()
+    final = engine.abort_request("x")
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    assert engine.abort_request("x") is None
+    engine.abort_request("y")
+    assert not engine.has_unfinished()
+    engine.blocks.check_no_leak()
+
+
+@pytest.mark.parametrize("prompt,kw,error", [
+    ([], {}, PromptError), ([5] * 128, {}, PromptError), ([97], {}, PromptError),
+    ([1, 2], {"temperature": -1}, SamplingError), ([1, 2], {"max_tokens": 10**6}, PromptError),
+])
+def test_bad_requests_change_nothing(params, prompt, kw, error):
+    engine = EngineCore(params, CFG, None, EngineConfig(block_size=4, num_blocks=8))
+    with pytest.raises(error):
+        engine.add_request("r", prompt, SamplingParams(**kw))
+    assert not engine.has_unfinished() and not engine.requests
+    engine.add_request("r", [1, 2], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("r", [1, 2])
+
+
+@pytest.fixture(scope="module")
+def smollm_llm():
+    # scanned layers: the same paged forward, compiled in a fraction of the unrolled time
+    return LLM("smollm2-135m", block_size=16, kv_memory_mb=64, max_num_batched_tokens=64,
+               unroll_layers=False)
+
+
+def test_smollm2_engine_greedy_matches_generate_and_stops_on_strings(smollm_llm):
+    llm = smollm_llm
+    tok, model = llm.model.tokenizer, llm.model
+    prompts = ["The capital of France is", "Once upon a time,",
+               "To be, or not to be, that is the question: Whether 'tis nobler in the mind"]
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    outs = llm.generate(prompts, greedy)
+    for prompt, out in zip(prompts, outs):
+        ref = list(generate(model.params, model.config, tok.encode(prompt), 24,
+                            stop_ids=tok.stop_ids))
+        assert out.outputs[0].token_ids == ref, prompt
+        assert out.outputs[0].text == tok.decode([t for t in ref if t not in tok.stop_ids])
+    text = outs[0].outputs[0].text
+    stop = text.strip()[3:6]  # a string the greedy continuation contains
+    cut = llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=24,
+                                                  stop=[stop]))[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == text[:text.index(stop)]
+    llm.engine.blocks.check_no_leak()
+
+
+def test_int8_kv_cache_engine_equals_dense_int8_decoding(params):
+    """int8 KV blocks (per-token-per-head scales, hpllm.compress.quantize.quantize_kv) give
+    the tokens of the dense int8 cache of `generate` (the quality of int8 against float32 is
+    tested on SmolLM2 in tests/test_quantize.py), and the same memory holds ~3.8x the tokens
+    of float32 (1.9x bfloat16)."""
+    from hpllm.infer.engine import kv_bytes_per_token, num_blocks_for
+
+    prompts = _prompts(9, 4)
+    engine = EngineCore(params, CFG, None, EngineConfig(block_size=4, num_blocks=100,
+                                                        kv_dtype="int8",
+                                                        max_num_batched_tokens=16))
+    assert all(a.dtype == jnp.int8 for a in engine.model.pool["k"])  # one array per layer
+    outs = _run(engine, prompts, [SamplingParams(temperature=0, max_tokens=12)] * len(prompts))
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == list(generate(params, CFG, prompt, 12,
+                                                         kv_dtype="int8"))
+    c = ModelConfig(n_layers=30, dim=576, n_heads=9, n_kv_heads=3)  # SmolLM2-135M's KV shape
+    assert kv_bytes_per_token(c, "float32") / kv_bytes_per_token(c, "int8") > 3.7
+    assert kv_bytes_per_token(c, "bfloat16") / kv_bytes_per_token(c, "int8") > 1.85
+    budget = dict(block_size=16, kv_memory_mb=64)
+    assert num_blocks_for(c, EngineConfig(**budget, kv_dtype="int8")) > 1.85 * num_blocks_for(
+        c, EngineConfig(**budget, kv_dtype="bfloat16"))
