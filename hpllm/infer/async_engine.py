@@ -24,9 +24,8 @@ class EngineDead(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore, max_queue: int = 1024):
+    def __init__(self, core: EngineCore):
         self.core = core
-        self.max_queue = max_queue
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._inbox: list = []  # ("add", id, prompt, params, stream) | ("abort", id)

@@ -27,7 +27,7 @@ import numpy as np
 from hpllm.config import ModelConfig
 from hpllm.infer.generate import PromptError
 from hpllm.infer.kv_cache import BlockManager
-from hpllm.infer.sampling import SampleRow, SamplingParams, sample
+from hpllm.infer.sampling import SampleRow, SamplingParams, pow2_bucket, sample
 from hpllm.infer.scheduler import Chunk, Scheduler, Sequence
 from hpllm.model.transformer import forward, unstack_layers
 
@@ -75,10 +75,6 @@ def num_blocks_for(config: ModelConfig, engine: EngineConfig) -> int:
         return engine.num_blocks
     per_block = kv_bytes_per_token(config, engine.kv_dtype) * engine.block_size
     return max(2, int(engine.kv_memory_mb * 2**20 // per_block))
-
-
-def _bucket(n: int, smallest: int = 1) -> int:
-    return max(smallest, 1 << max(0, n - 1).bit_length())
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("pool",))
@@ -221,7 +217,7 @@ class EngineCore:
         self.requests: dict[str, _Request] = {}
         self._rng = np.random.default_rng(ec.seed)
         self.max_table = math.ceil(self.max_model_len / ec.block_size)
-        self.table_width = _bucket(self.max_table, 4)
+        self.table_width = pow2_bucket(self.max_table, 4)
         self.shapes: set[tuple[int, int]] = set()  # (rows, tokens per row) passes compiled
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
                          "batched_tokens": 0, "finished_requests": 0}
@@ -327,13 +323,13 @@ class EngineCore:
         # Few shapes, few compiles (seconds each for a real model): rows by powers of two,
         # prefill chunk lengths by powers of four from 16, and one table width for the
         # engine's whole life (paged attention only visits the blocks a row can see).
-        rows = _bucket(len(chunks))
+        rows = pow2_bucket(len(chunks))
         longest = max(c.length for c in chunks)
         width = 1 if longest == 1 else 16
         while width < longest:
             width *= 4
         if longest > 1:
-            width = min(width, _bucket(self.engine_config.max_num_batched_tokens, 16))
+            width = min(width, pow2_bucket(self.engine_config.max_num_batched_tokens, 16))
         table_width = self.table_width
         self.shapes.add((rows, width))
         tokens = np.zeros((rows, width), np.int32)
@@ -361,7 +357,7 @@ class EngineCore:
                 targets.append((seq, index))
         if not picks:
             return
-        index = np.zeros(_bucket(len(picks)), np.int32)
+        index = np.zeros(pow2_bucket(len(picks)), np.int32)
         index[:len(picks)] = picks
         sampled = sample(logits[jnp.asarray(index)], rows)
         # fork before the parent appends its token: children copy the prompt only

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from hpllm.config import ModelConfig
+from hpllm.infer.sampling import _filter
 from hpllm.model.transformer import forward, init_cache, unstack_layers
 
 
@@ -25,15 +26,10 @@ def sample_logits(logits, key, temperature: float = 1.0, top_k: int = 0, top_p: 
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1)
     logits = logits / temperature
-    if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
-        ranked = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(ranked, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        cutoff = jnp.min(jnp.where(mass_before < top_p, ranked, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    if top_k or top_p < 1.0:  # the engine sampler's filter, one row's parameters per row
+        rows = logits.shape[0]
+        logits = _filter(logits, jnp.full(rows, top_k), jnp.full(rows, top_p, jnp.float32),
+                         jnp.zeros(rows, jnp.float32))
     return jax.random.categorical(key, logits, axis=-1)
 
 

@@ -119,7 +119,8 @@ class SamplingParams:
         return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
 
 
-def _bucket(n: int, smallest: int = 1) -> int:
+def pow2_bucket(n: int, smallest: int = 1) -> int:
+    """n rounded up to a power of two, at least `smallest` (few compiled shapes)."""
     return max(smallest, 1 << max(0, n - 1).bit_length())
 
 
@@ -178,7 +179,7 @@ def sample(logits, rows: list[SampleRow]) -> Sampled:
             output_ids=_pad_ids([r.output_ids for r in rows], pad),
         )
     out = _sample_batch(logits, arrays, penalties=penalties, filters=filters,
-                        all_greedy=all_greedy, n_top=_bucket(n_top) if n_top else 0,
+                        all_greedy=all_greedy, n_top=pow2_bucket(n_top) if n_top else 0,
                         want_logprobs=want_logprobs)
     out = jax.device_get(out)
     tokens = out["tokens"][:b]
@@ -191,7 +192,7 @@ def sample(logits, rows: list[SampleRow]) -> Sampled:
 
 def _pad_ids(lists, rows: int) -> np.ndarray:
     """Token id lists as a (rows, bucket) array padded with -1 (ignored)."""
-    width = _bucket(max((len(x) for x in lists), default=1), 16)
+    width = pow2_bucket(max((len(x) for x in lists), default=1), 16)
     out = np.full((rows, width), -1, np.int32)
     for i, ids in enumerate(lists):
         out[i, :len(ids)] = ids

@@ -603,7 +603,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, engine_config=N
     loaded = load_model(model, progress=sys.stderr.isatty(), **load_kw)
     core = EngineCore(loaded.params, loaded.config, loaded.tokenizer,
                       engine_config or EngineConfig())
-    engine = AsyncEngine(core, max_queue=max_pending)
+    engine = AsyncEngine(core)
     app = create_app(engine, loaded.tokenizer, served_model_name or model, max_pending)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=drain_timeout, access_log=False)
