@@ -36,6 +36,7 @@ from hpllm.perf.roofline import Workload, predict
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from llamacpp_parity import cpu_name, write_f32_copy  # noqa: E402
+from report import emit  # noqa: E402
 
 PROMPT = "The capital of France is"
 
@@ -196,11 +197,7 @@ def main(argv=None) -> int:
              f"- measured: {step * 1e3:.2f} ms/token = {1 / step:.1f} tok/s, "
              f"{pred.step_s / step:.0%} of the roofline; effective "
              f"{pred.bytes / step / 1e9:.1f} GB/s", ""]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        pathlib.Path(args.out).write_text(report)
-    return 0
+    return emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ from hpllm.infer.generate import generate
 from hpllm.infer.perplexity import shakespeare_validation_texts
 from hpllm.model.transformer import forward
 
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from report import emit  # noqa: E402
+
 TEXTS = [
     "Hello, world! This is a plain English sentence.",
     "Numbers: 0 7 42 3.14159 1,000,000 2024-06-01 0x1F 1e-9 and 12345678901234567890",
@@ -238,11 +241,7 @@ def main(argv=None) -> int:
               "|---|---|---|---|", *rows, "",
               f"hpllm: {model.tokenizer.decode(ours[:24])!r}  ",
               f"llama.cpp (Q4_1): {q4_text!r}", ""]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        pathlib.Path(args.out).write_text(report)
-    return 0
+    return emit(lines, args.out)
 
 
 if __name__ == "__main__":

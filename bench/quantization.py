@@ -16,6 +16,13 @@ output projection) and the KV cache it attends over, so predicted tokens/s = rea
 / bytes per step. For quantized weights two predictions are printed: reading only the codes
 (what a fused dequantize-matmul achieves) and "materialised", where XLA converts each matrix
 to a float32 copy before the dot (codes read + f32 copy written and read back).
+
+On CPU the int8, int8-zp and int4 decode matmuls run the C++ kernel
+(hpllm/kernels/cpu_quant_matmul.py) when it is available; `--decode-only` times just the
+decode of float32 and those schemes (no perplexity, pruning or KV cache) and, with
+`--xla-path`, the same schemes again with the kernel off (HPLLM_CPU_KERNELS=0), in one run:
+
+    python bench/quantization.py --decode-only [--xla-path] [--rounds 3] [--decode-tokens 64]
 """
 
 from __future__ import annotations
@@ -34,10 +41,12 @@ from hpllm.compress import prune as pr
 from hpllm.compress import quantize as qz
 from hpllm.infer.generate import _bucket
 from hpllm.infer.perplexity import evaluate_texts, shakespeare_validation_texts
+from hpllm.kernels import cpu_quant_matmul
 from hpllm.perf.hardware import current_chip
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from decode import decode_steps  # noqa: E402
+from report import emit  # noqa: E402
 
 PROMPT = "The capital of France is"
 
@@ -66,6 +75,65 @@ def variants(params, group_size: int):
     yield "pruned 2:4 (no recovery)", "prune", lambda: pr.prune(params, "2:4")[0]
 
 
+def decode_only(args, base, prompt, chip, context, kv_f32) -> int:
+    """Decode tokens/s of float32, int8, int8-zp and int4 in one run, through the CPU kernel
+    and (--xla-path) through XLA with the kernel off, against the codes-only roofline. The
+    kernel rows are timed --rounds times in turn (load on a shared machine drifts between
+    schemes; the median round is reported, with the range); the slow XLA rows once."""
+    import os
+
+    kernel = cpu_quant_matmul.available()
+    models = [(label, scheme, build()) for label, scheme, build in
+              variants(base.params, args.group_size) if scheme in ("", "int8", "int8-zp", "int4")]
+    rows = [dict(label=label, path="kernel" if kernel and scheme else "XLA",
+                 bytes=qz.param_bytes(params), params=params, steps=[]) for
+            label, scheme, params in models]
+    if args.xla_path and kernel:
+        rows += [dict(r, path="XLA (kernel off)", steps=[]) for r, (_, scheme, _) in
+                 zip(list(rows), models) if scheme]
+    for rnd in range(args.rounds):
+        for r in rows:
+            off = r["path"] == "XLA (kernel off)"
+            if off and rnd:
+                continue
+            if off:
+                os.environ[cpu_quant_matmul.ENV_SWITCH] = "0"
+                jax.clear_caches()  # the kernel switch is read while tracing
+            try:
+                r["ids"], times = decode_run(r["params"], base.config, prompt, args.decode_tokens)
+            finally:
+                if off:
+                    os.environ.pop(cpu_quant_matmul.ENV_SWITCH, None)
+                    jax.clear_caches()
+            r["steps"].append(statistics.median(times))
+            print(f"round {rnd}: {r['label']} [{r['path']}]: {1 / r['steps'][-1]:.1f} tok/s",
+                  file=sys.stderr, flush=True)
+    for r in rows:
+        r["step"] = statistics.median(r["steps"])
+        r["roof"] = (r["bytes"] + kv_f32) / chip.hbm_bandwidth
+    ref = rows[0]
+    table = ["| weights | MiB | decode matmuls | decode tok/s (median round) | range over "
+             "rounds | vs float32 | roofline tok/s (codes + KV at read bandwidth) | "
+             "measured / roofline | greedy tokens = float32 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(f"| {r['label']} | {r['bytes'] / 2**20:.1f} | {r['path']} | "
+                     f"{1 / r['step']:.1f} | {1 / max(r['steps']):.1f}-{1 / min(r['steps']):.1f} "
+                     f"| {ref['step'] / r['step']:.2f}x | "
+                     f"{1 / r['roof']:.0f} | {r['roof'] / r['step']:.0%} | "
+                     f"{sum(a == b for a, b in zip(r['ids'], ref['ids']))}/{len(ref['ids'])} |")
+    lines = [f"# Decode with quantized weights: {base.path.name}", "",
+             "Command: `python bench/quantization.py --decode-only"
+             + (" --xla-path" if args.xla_path else "")
+             + f" --rounds {args.rounds} --decode-tokens {args.decode_tokens} --group-size "
+             f"{args.group_size}`  ",
+             f"Machine: {jax.default_backend()} ({chip.name}; read bandwidth "
+             f"{chip.hbm_bandwidth / 1e9:.1f} GB/s, {chip.source}); jax {jax.__version__}", "",
+             f"Prompt {PROMPT!r}, {args.decode_tokens} greedy tokens, batch 1, KV cache of "
+             f"{context} float32 slots, median step of a warm run.", "", *table, ""]
+    return emit(lines, args.out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -76,6 +144,12 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-gib", type=float, default=1.0,
                     help="KV memory budget for the sequences-that-fit figure")
     ap.add_argument("--out", default="", help="also write the report (markdown) here")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only decode speed of float32, int8, int8-zp and int4")
+    ap.add_argument("--xla-path", action="store_true",
+                    help="with --decode-only: also time the schemes with the CPU kernel off")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="with --decode-only: times each kernel/float32 row is measured")
     args = ap.parse_args(argv)
 
     base = load_model(args.model, progress=False)
@@ -87,6 +161,8 @@ def main(argv=None) -> int:
     context = _bucket(len(prompt) + args.decode_tokens, config.max_seq_len, 256)
     kv_f32 = qz.kv_bytes_per_token(config.n_layers, config.n_kv_heads, config.head_dim,
                                    "float32") * context
+    if args.decode_only:
+        return decode_only(args, base, prompt, chip, context, kv_f32)
 
     rows, ref = [], None
     for label, scheme, build in variants(base.params, args.group_size):
@@ -153,13 +229,12 @@ def main(argv=None) -> int:
              f"Perplexity over the first {args.tokens} predicted tokens of the "
              f"Shakespeare validation split (windows of {args.window}); decode: prompt "
              f"{PROMPT!r}, {args.decode_tokens} greedy tokens, batch 1, KV cache of {context} "
-             "float32 slots, median step of a warm run.", "", *table, "",
+             "float32 slots, median step of a warm run. int8, int8-zp and int4 decode "
+             "matmuls: " + ("the CPU kernel (hpllm/kernels/cpu_quant_matmul.py)."
+                            if cpu_quant_matmul.available() else "XLA (the CPU kernel is off)."),
+             "", *table, "",
              "## int8 KV cache (float32 weights)", "", *kv_table, ""]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        pathlib.Path(args.out).write_text(report)
-    return 0
+    return emit(lines, args.out)
 
 
 if __name__ == "__main__":

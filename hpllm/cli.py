@@ -280,7 +280,10 @@ def cmd_serve(args, extra) -> int:
                       max_num_seqs=args.max_num_seqs,
                       max_num_batched_tokens=args.max_num_batched_tokens,
                       max_model_len=args.max_model_len, dtype=args.dtype,
-                      kv_dtype=args.kv_dtype, enable_prefix_caching=not args.no_prefix_caching)
+                      kv_dtype=args.kv_dtype, enable_prefix_caching=not args.no_prefix_caching,
+                      speculative=args.speculative,
+                      num_speculative_tokens=args.num_speculative_tokens,
+                      draft_layers=args.draft_layers)
     try:
         ec.validate()
     except ValueError as e:
@@ -343,6 +346,14 @@ def _serve_parsers(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--kv-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--speculative", choices=("ngram", "self", "draft"), default="",
+                   help="speculative decoding for the running batch: prompt-lookup drafts, "
+                        "the model's first layers, or the `hpllm distill` draft (same outputs "
+                        "in distribution)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4,
+                   help="--speculative: draft tokens per sequence and step (adapts from here)")
+    p.add_argument("--draft-layers", type=int, default=0,
+                   help="--speculative self: layers in the draft (0 = a third)")
     p.add_argument("--max-pending", type=int, default=256,
                    help="requests held at once (queued + running); more get HTTP 503")
     p.add_argument("--drain-timeout", type=float, default=30.0,

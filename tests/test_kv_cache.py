@@ -165,3 +165,40 @@ def test_scheduler_preempts_newest_when_blocks_run_out():
     assert [(c.seq, c.start, c.length) for c in out.prefills] == [(new, 4, 1)]
     s.finish(new, "stop")
     bm.check_no_leak()
+
+
+def test_prepare_range_allocates_copies_shared_blocks_all_or_nothing():
+    bm = BlockManager(8, 4)
+    parent = BlockTable()
+    bm.allocate(parent, list(range(6)), 6)  # blocks for positions 0..7, 6 tokens used
+    child = bm.fork(parent)
+    # a decode at 6 plus 5 lookahead slots (6..11): copy the shared block 1, add block 2
+    copies = bm.prepare_range(child, 6, 12)
+    assert copies == [(parent.blocks[1], child.blocks[1])]
+    assert len(child.blocks) == 3 and child.blocks[0] == parent.blocks[0]
+    assert bm.ref_count[child.blocks[1]] == 1 and bm.ref_count[parent.blocks[1]] == 1
+    assert bm.prepare_range(child, 8, 12) == []  # already private: nothing to do
+    before = (list(child.blocks), bm.num_free, list(bm.ref_count))
+    with pytest.raises(OutOfBlocks):
+        bm.prepare_range(child, 8, 4 * 8)  # 5 more blocks, only 3 free
+    assert (list(child.blocks), bm.num_free, list(bm.ref_count)) == before
+    bm.free_table(child)
+    bm.free_table(parent)
+    bm.check_no_leak()
+
+
+def test_scheduler_reserves_lookahead_slots_within_the_budget():
+    bm = BlockManager(20, 4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=8, lookahead=lambda s: 5)
+    seqs = [Sequence(list(range(3)), 3, float(i)) for i in range(2)]
+    for s in seqs:
+        sched.add(s)
+    out = sched.schedule()
+    for c in out.prefills:
+        sched.commit(c)
+        c.seq.tokens.append(1)
+    out = sched.schedule()
+    assert [c.lookahead for c in out.decodes] == [5, 1]  # 1 + 5, then 1 + 1: budget 8
+    assert out.num_tokens == 8
+    for c in out.decodes:  # the reserved slots have blocks
+        assert len(c.seq.table.blocks) * 4 >= c.start + 1 + c.lookahead

@@ -570,3 +570,28 @@ def test_load_64_requests_at_concurrency_16(srv, workload):
 def test_load_500_requests_at_concurrency_32(srv, workload):
     summary = _load_test(srv, workload, 32)
     assert summary["completed"] == 500
+
+
+def test_speculative_server_equals_the_offline_engine(model, offline):
+    # --speculative ngram: the running batch is decoded with prompt-lookup drafts; greedy
+    # completions through the real client equal the plain offline engine's, streamed or not,
+    # and /metrics counts the drafts.
+    spec = EngineConfig(block_size=16, num_blocks=300, max_num_seqs=16,
+                        max_num_batched_tokens=256, speculative="ngram")
+    tok = model.tokenizer
+    prompt = "to be or not to be, to be or not to be, to be or not"
+    want = offline.generate([tok.encode(prompt)], SamplingParams(temperature=0, max_tokens=24,
+                                                                 ignore_eos=True))[0]
+    with running_server(model, spec) as s:
+        got = s.client.completions.create(model=NAME, prompt=prompt, max_tokens=24,
+                                          temperature=0, extra_body={"ignore_eos": True})
+        streamed = "".join(c.choices[0].text for c in s.client.completions.create(
+            model=NAME, prompt=prompt, max_tokens=24, temperature=0, stream=True,
+            extra_body={"ignore_eos": True}) if c.choices)
+        assert got.choices[0].text == want.outputs[0].text == streamed
+        assert got.usage.completion_tokens == 24
+        _all_blocks_free(s)
+        drafts = _metric(s.url, "hpllm:spec_decode_num_draft_tokens_total")
+        accepted = _metric(s.url, "hpllm:spec_decode_num_accepted_tokens_total")
+        assert drafts > 0 and 0 <= accepted <= drafts
+        assert drafts == s.core.stats()["spec_proposed"]

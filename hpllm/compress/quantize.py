@@ -259,8 +259,47 @@ def project(x, w, equation: str, **einsum_kwargs):
     return y.reshape(*lead, *[w.shape[a] for a in w.out_axes])
 
 
+# Rows of x (tokens) up to which matmuls go to the CPU kernel: decode, batched decode and
+# verify steps. bench/quant_matmul.py --sweep measured the kernel ahead of XLA's
+# dequantize-then-GEMM up to 256 rows on the loaded dev machine; 40-110 is the idle estimate
+# (docs/perf/quantization.md). Prefill chunks above this stay on XLA's GEMM.
+CPU_KERNEL_MAX_ROWS = 64
+_KERNEL_SCHEMES = ("int8", "int8-zp", "int4")
+
+
 def _matmul_nk(x, w: QuantizedWeight):
-    """x (..., K) float @ the (N, K) quantized matrix -> (..., N)."""
+    """x (..., K) float @ the (N, K) quantized matrix -> (..., N).
+
+    On CPU, few rows of x and an int8/int8-zp/int4 weight go to the C++ kernel
+    (hpllm/kernels/cpu_quant_matmul.py), which reads the codes once instead of XLA:CPU's
+    float32 copy of the matrix; other platforms lower the same jitted code to the XLA path.
+    """
+    rows = math.prod(x.shape[:-1])
+    if w.scheme in _KERNEL_SCHEMES and w.q.ndim == 2 and rows <= CPU_KERNEL_MAX_ROWS:
+        from hpllm.kernels import cpu_quant_matmul
+
+        if cpu_quant_matmul.available():
+            return jax.lax.platform_dependent(x, w, cpu=_kernel_matmul_nk,
+                                              default=_xla_matmul_nk)
+    return _xla_matmul_nk(x, w)
+
+
+def _kernel_matmul_nk(x, w: QuantizedWeight):
+    """_matmul_nk through the CPU kernel: float32 inside, x.dtype out."""
+    from hpllm.kernels import cpu_quant_matmul as kernel
+
+    x32 = x.astype(jnp.float32)
+    if w.scheme == "int4":
+        y = kernel.int4_matmul(x32, w.q, w.scale, w.k, w.group_size)
+    else:
+        y = kernel.int8_matmul(x32, w.q, w.scale)
+        if w.scheme == "int8-zp":  # as in _xla_matmul_nk
+            y = y - jnp.sum(x32, axis=-1, keepdims=True) * (w.zero * w.scale)[..., 0]
+    return y.astype(x.dtype)
+
+
+def _xla_matmul_nk(x, w: QuantizedWeight):
+    """_matmul_nk in plain XLA ops: every platform, and the kernel's reference."""
     compute = x.dtype
     if w.scheme == "int8":  # scale the output, not the weight: no scaled weight copy
         y = jnp.einsum("...k,nk->...n", x, w.q.astype(compute))

@@ -27,8 +27,9 @@ import numpy as np
 from hpllm.config import ModelConfig
 from hpllm.infer.generate import PromptError
 from hpllm.infer.kv_cache import BlockManager
-from hpllm.infer.sampling import SampleRow, SamplingParams, pow2_bucket, sample
+from hpllm.infer.sampling import SampleRow, SamplingParams, pow2_bucket, row_arrays, sample
 from hpllm.infer.scheduler import Chunk, Scheduler, Sequence
+from hpllm.infer.spec_decode import PROPOSERS, Speculator, accept_rows, speculable
 from hpllm.model.transformer import forward, unstack_layers
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -48,6 +49,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     unroll_layers: bool = True  # False: scan the layers (much faster compiles, slower steps)
     seed: int = 0  # draws the seeds of requests that give none
+    speculative: str = ""  # "", "ngram" (prompt lookup) or "self" (first layers as draft)
+    num_speculative_tokens: int = 4  # gamma: draft tokens per sequence per step (initial)
+    speculative_adaptive: bool = True  # per-sequence gamma: +2 on full acceptance, -1 else
+    draft_layers: int = 0  # self-speculation: layers in the draft (0: a third)
 
     def validate(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -59,6 +64,12 @@ class EngineConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got "
                                  f"{getattr(self, name)!r}")
+        if self.speculative not in ("", *PROPOSERS):
+            raise ValueError(f"speculative must be one of {', '.join(PROPOSERS)} (or empty), "
+                             f"got {self.speculative!r}")
+        if self.speculative and self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be positive, got "
+                             f"{self.num_speculative_tokens}")
 
 
 def kv_bytes_per_token(config: ModelConfig, kv_dtype: str = "float32") -> int:
@@ -117,10 +128,12 @@ class PagedModel:
 
     def run(self, tokens, positions, tables, last):
         """numpy (B, S) tokens and positions (-1 = padding), (B, M) tables, (B,) index of the
-        token whose logits to return. Returns (B, V) logits on device."""
+        token whose logits to return (None: every position's). Returns (B, V) logits on
+        device, or (B, S, V)."""
+        last = None if last is None else jnp.asarray(last)
         logits, self.pool = _run_model(self.params, self.pool, jnp.asarray(tokens),
-                                       jnp.asarray(positions), jnp.asarray(tables),
-                                       jnp.asarray(last), self.config, self.dtype)
+                                       jnp.asarray(positions), jnp.asarray(tables), last,
+                                       self.config, self.dtype)
         return logits
 
     def copy_blocks(self, pairs) -> None:
@@ -200,20 +213,44 @@ class _Detokenizer:
         return self.stream.push(token_id) if self.stream is not None else ""
 
 
+def _distilled_draft():
+    from hpllm.compress.distill import load_distilled
+    from hpllm.config import ConfigError
+
+    try:
+        config, params = load_distilled()
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    return params, config
+
+
 class EngineCore:
     """Requests in, RequestOutputs out, one `step()` at a time."""
 
     def __init__(self, params, config: ModelConfig, tokenizer=None,
-                 engine_config: EngineConfig | None = None):
+                 engine_config: EngineConfig | None = None, draft=None):
+        """draft: (params, ModelConfig) of the draft model for speculative="draft" (default:
+        the one `hpllm distill` cached)."""
         ec = engine_config or EngineConfig()
         ec.validate()
         self.config, self.engine_config, self.tokenizer = config, ec, tokenizer
         self.max_model_len = min(ec.max_model_len or config.max_seq_len, config.max_seq_len)
         num_blocks = num_blocks_for(config, ec)
         self.blocks = BlockManager(num_blocks, ec.block_size, ec.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, ec.max_num_seqs, ec.max_num_batched_tokens)
         self.model = PagedModel(params, config, num_blocks, ec.block_size, _DTYPES[ec.dtype],
                                 ec.kv_dtype, ec.unroll_layers)
+        self.speculator = None
+        if ec.speculative:
+            draft_model = None
+            if ec.speculative == "draft":
+                draft_params, draft_config = draft or _distilled_draft()
+                draft_model = PagedModel(draft_params, draft_config, num_blocks, ec.block_size,
+                                         _DTYPES[ec.dtype], ec.kv_dtype, ec.unroll_layers)
+            self.speculator = Speculator(ec.speculative, ec.num_speculative_tokens, self.model,
+                                         adaptive=ec.speculative_adaptive,
+                                         draft_layers=ec.draft_layers, draft_model=draft_model)
+        self.scheduler = Scheduler(self.blocks, ec.max_num_seqs, ec.max_num_batched_tokens,
+                                   self._lookahead if self.speculator else None)
         self.requests: dict[str, _Request] = {}
         self._rng = np.random.default_rng(ec.seed)
         self.max_table = math.ceil(self.max_model_len / ec.block_size)
@@ -300,16 +337,21 @@ class EngineCore:
             if chunk.seq.index == 0 and chunk.seq.num_generated == 0:
                 chunk.seq.request.num_cached_tokens = chunk.seq.num_cached
         self.model.copy_blocks(sched.copies)
+        if self.speculator:
+            self.speculator.copy_blocks(sched.copies)
         touched: dict[str, _Request] = {}
+        self.counters["steps"] += 1
+        self.counters["batched_tokens"] += sched.num_tokens
         for chunks in (sched.decodes, sched.prefills):
             if not chunks:
+                continue
+            if any(c.lookahead for c in chunks):
+                self._speculative_decode(chunks, touched)
                 continue
             logits = self._run(chunks)
             for chunk in chunks:
                 self.scheduler.commit(chunk)
             self._sample(logits, [c for c in chunks if c.samples], touched)
-        self.counters["steps"] += 1
-        self.counters["batched_tokens"] += sched.num_tokens
         outputs = []
         for req in touched.values():
             outputs.append(req.snapshot())
@@ -319,10 +361,19 @@ class EngineCore:
                 self.counters["finished_requests"] += 1
         return outputs
 
-    def _run(self, chunks: list[Chunk]):
+    def _tables(self, chunks: list[Chunk], rows: int):
+        # One table width for the engine's whole life (paged attention only visits the
+        # blocks a row can see), so the table never adds compiled variants.
+        tables = np.zeros((rows, self.table_width), np.int32)
+        for r, c in enumerate(chunks):
+            tables[r, :len(c.seq.table.blocks)] = c.seq.table.blocks
+        return tables
+
+    def _run(self, chunks: list[Chunk], drafts=None, n_proposed=None):
+        """One pass over the chunks; with drafts (R, G) and n_proposed (R,), decode rows score
+        [last token, first n_proposed drafts] and every position's logits come back."""
         # Few shapes, few compiles (seconds each for a real model): rows by powers of two,
-        # prefill chunk lengths by powers of four from 16, and one table width for the
-        # engine's whole life (paged attention only visits the blocks a row can see).
+        # prefill chunk lengths by powers of four from 16, drafts by powers of two.
         rows = pow2_bucket(len(chunks))
         longest = max(c.length for c in chunks)
         width = 1 if longest == 1 else 16
@@ -330,18 +381,65 @@ class EngineCore:
             width *= 4
         if longest > 1:
             width = min(width, pow2_bucket(self.engine_config.max_num_batched_tokens, 16))
-        table_width = self.table_width
+        if drafts is not None:
+            width = 1 + drafts.shape[1]
         self.shapes.add((rows, width))
         tokens = np.zeros((rows, width), np.int32)
         positions = np.full((rows, width), -1, np.int32)
-        tables = np.zeros((rows, table_width), np.int32)
         last = np.zeros(rows, np.int32)
         for r, c in enumerate(chunks):
+            n = c.length if drafts is None else 1 + n_proposed[r]
             tokens[r, :c.length] = c.seq.tokens[c.start:c.start + c.length]
-            positions[r, :c.length] = np.arange(c.start, c.start + c.length)
-            tables[r, :len(c.seq.table.blocks)] = c.seq.table.blocks
+            if drafts is not None:
+                tokens[r, 1:n] = drafts[r, :n - 1]
+            positions[r, :n] = np.arange(c.start, c.start + n)
             last[r] = c.length - 1
-        return self.model.run(tokens, positions, tables, last)
+        return self.model.run(tokens, positions, self._tables(chunks, rows),
+                              None if drafts is not None else last)
+
+    # -- speculative decoding (hpllm.infer.spec_decode) ---------------------------------------
+    def _lookahead(self, seq: Sequence) -> int:
+        p = seq.request.params
+        if not speculable(p):
+            return 0
+        # Never draft past max_tokens or the context: every accepted draft is emitted.
+        limit = min(p.max_tokens - seq.num_generated, self.max_model_len - len(seq.tokens)) - 1
+        return self.speculator.lookahead(seq, limit)
+
+    def _speculative_decode(self, chunks: list[Chunk], touched: dict) -> None:
+        """Decode rows with drafts: propose, score every row's [last, drafts...] in one pass,
+        accept/reject per row; rows that cannot speculate sample their first position."""
+        rows = pow2_bucket(len(chunks))
+        sample_rows = [SampleRow(c.seq.request.params, c.seq.request.seed, c.seq.index,
+                                 c.seq.num_generated, c.seq.request.prompt_ids, c.seq.output_ids)
+                       for c in chunks]
+        arrays = {k: jnp.asarray(v) for k, v in row_arrays(sample_rows, rows).items()}
+        filters = any(r.params.has_filters and not r.params.greedy for r in sample_rows)
+        drafts, n_proposed, q = self.speculator.propose(chunks, self._tables(chunks, rows),
+                                                        arrays, filters)
+        logits = self._run(chunks, drafts, n_proposed)
+        n_accepted, tokens = jax.device_get(accept_rows(
+            logits, jnp.asarray(drafts), q, jnp.asarray(n_proposed), arrays, filters=filters))
+        plain = [r for r, c in enumerate(chunks) if not speculable(c.seq.request.params)]
+        if plain:
+            for r in plain:
+                self.scheduler.commit(chunks[r])
+            index = np.zeros(pow2_bucket(len(plain)), np.int32)
+            index[:len(plain)] = plain
+            self._sample(logits[jnp.asarray(index), 0], [chunks[r] for r in plain], touched)
+        for r, c in enumerate(chunks):
+            if r in plain:
+                continue
+            seq, n = c.seq, int(n_accepted[r])
+            self.speculator.record(seq, c.start, int(n_proposed[r]), n)
+            touched[seq.request.request_id] = seq.request
+            for token in [*drafts[r, :n].tolist(), int(tokens[r])]:
+                self._append(seq, token, None, None)
+                if seq.finish_reason is not None:
+                    break
+            if seq.finish_reason is None:
+                c.length = 1 + n  # the last token and the accepted drafts are computed
+                self.scheduler.commit(c)
 
     def _sample(self, logits, chunks: list[Chunk], touched: dict) -> None:
         """Sample the next token of each chunk's sequence; a request's first sample with
@@ -436,6 +534,9 @@ class EngineCore:
             "preemptions": self.scheduler.num_preemptions,
             "compiled_shapes": len(self.shapes),
             **self.counters,
+            **({"spec_proposed": self.speculator.stats.proposed,
+                "spec_accepted": self.speculator.stats.accepted,
+                "spec_rounds": self.speculator.stats.rounds} if self.speculator else {}),
         }
 
 

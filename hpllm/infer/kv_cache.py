@@ -185,6 +185,20 @@ class BlockManager:
         self.stats.copies += 1
         return block, new
 
+    def prepare_range(self, table: BlockTable, start: int, end: int) -> list[tuple[int, int]]:
+        """prepare_append for every position in [start, end) (a decode plus speculative
+        lookahead slots). All-or-nothing: counts the blocks it needs first, raises OutOfBlocks
+        and changes nothing if the pool cannot supply them. Returns the copies to do."""
+        bs = self.block_size
+        first, last = start // bs, (end - 1) // bs
+        need = max(0, last + 1 - len(table.blocks))
+        need += sum(1 for i in range(first, min(last + 1, len(table.blocks)))
+                    if self.ref_count[table.blocks[i]] > 1 or table.blocks[i] in self.hash_of)
+        if need > self.num_free:
+            raise OutOfBlocks(f"need {need} KV blocks, {self.num_free} free")
+        copies = [self.prepare_append(table, max(start, i * bs)) for i in range(first, last + 1)]
+        return [c for c in copies if c]
+
     def fork(self, table: BlockTable) -> BlockTable:
         """A child sharing all of the parent's blocks (n > 1 samples of one prompt)."""
         for block in table.blocks:

@@ -160,15 +160,7 @@ def sample(logits, rows: list[SampleRow]) -> Sampled:
         out[:b] = values
         return out
 
-    arrays = dict(
-        temperature=column([p.temperature for p in params], np.float32),
-        top_k=column([p.top_k if p.top_k > 0 else 0 for p in params], np.int32),
-        top_p=column([p.top_p for p in params], np.float32) + (np.arange(pad) >= b),
-        min_p=column([p.min_p for p in params], np.float32),
-        seed=column([r.seed & 0xFFFFFFFF for r in rows], np.uint32),
-        sample_index=column([r.sample_index for r in rows], np.int32),
-        step=column([r.n_generated for r in rows], np.int32),
-    )
+    arrays = row_arrays(rows, pad)
     if penalties:
         arrays.update(
             repetition=column([p.repetition_penalty for p in params], np.float32) + (
@@ -188,6 +180,28 @@ def sample(logits, rows: list[SampleRow]) -> Sampled:
     top_ids = out["top_ids"][:b] if n_top else None
     top_lp = out["top_logprobs"][:b] if n_top else None
     return Sampled(tokens, out["logprobs"][:b], top_ids, top_lp)
+
+
+def row_arrays(rows: list[SampleRow], pad: int) -> dict:
+    """Each row's temperature, filters and draw key parts as (pad,) numpy columns; padding
+    rows are greedy with no filters."""
+    b = len(rows)
+
+    def column(values, dtype):
+        out = np.zeros(pad, dtype)
+        out[:b] = values
+        return out
+
+    params = [r.params for r in rows]
+    return dict(
+        temperature=column([p.temperature for p in params], np.float32),
+        top_k=column([p.top_k if p.top_k > 0 else 0 for p in params], np.int32),
+        top_p=column([p.top_p for p in params], np.float32) + (np.arange(pad) >= b),
+        min_p=column([p.min_p for p in params], np.float32),
+        seed=column([r.seed & 0xFFFFFFFF for r in rows], np.uint32),
+        sample_index=column([r.sample_index for r in rows], np.int32),
+        step=column([r.n_generated for r in rows], np.int32),
+    )
 
 
 def _pad_ids(lists, rows: int) -> np.ndarray:

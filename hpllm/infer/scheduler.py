@@ -63,6 +63,7 @@ class Chunk:
     seq: Sequence
     start: int  # first position computed
     length: int
+    lookahead: int = 0  # speculative slots reserved after a decode token (its drafts' K/V)
 
     @property
     def samples(self) -> bool:
@@ -79,18 +80,22 @@ class Schedule:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.decodes) + sum(c.length for c in self.prefills)
+        return sum(1 + c.lookahead for c in self.decodes) + sum(c.length for c in self.prefills)
 
     def __bool__(self):
         return bool(self.decodes or self.prefills)
 
 
 class Scheduler:
+    """`lookahead(seq) -> int`, if given, asks how many speculative slots a decoding sequence
+    wants this step (speculative decoding: the draft tokens are scored in the same pass)."""
+
     def __init__(self, blocks: BlockManager, max_num_seqs: int = 32,
-                 max_num_batched_tokens: int = 512):
+                 max_num_batched_tokens: int = 512, lookahead=None):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         self.blocks = blocks
+        self.lookahead = lookahead
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -141,11 +146,20 @@ class Scheduler:
             seq = self.running[i]
             todo = len(seq.tokens) - seq.num_computed
             n = min(todo, budget)
+            extra = 0
+            if todo == 1 and self.lookahead is not None:
+                extra = max(0, min(self.lookahead(seq), budget - 1))
             try:
                 if todo == 1:
-                    copy = self.blocks.prepare_append(seq.table, seq.num_computed)
-                    if copy:
-                        out.copies.append(copy)
+                    try:
+                        out.copies += self.blocks.prepare_range(
+                            seq.table, seq.num_computed, seq.num_computed + 1 + extra)
+                    except OutOfBlocks:
+                        if not extra:
+                            raise
+                        extra = 0  # memory is short: decode without speculating first
+                        out.copies += self.blocks.prepare_range(
+                            seq.table, seq.num_computed, seq.num_computed + 1)
                 else:
                     self.blocks.allocate(seq.table, seq.tokens, seq.num_computed + n)
             except OutOfBlocks:
@@ -154,8 +168,11 @@ class Scheduler:
                 if victim is seq:
                     break
                 continue  # retry this sequence with the freed blocks
-            (out.decodes if todo == 1 else out.prefills).append(Chunk(seq, seq.num_computed, n))
-            budget -= n
+            if todo == 1:
+                out.decodes.append(Chunk(seq, seq.num_computed, 1, extra))
+            else:
+                out.prefills.append(Chunk(seq, seq.num_computed, n))
+            budget -= n + extra
             i += 1
         # Memory is short when this step preempted: admit nobody (the victim would come
         # straight back and thrash).

@@ -56,6 +56,11 @@ class _EngineCollector:
         yield counter("num_preemptions", "Sequences preempted for lack of KV blocks.",
                       s["preemptions"])
         yield counter("engine_steps", "Engine steps run.", s["steps"])
+        if "spec_proposed" in s:  # vLLM's spec_decode_* counters
+            yield counter("spec_decode_num_draft_tokens", "Draft tokens scored by the target.",
+                          s["spec_proposed"])
+            yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                          s["spec_accepted"])
 
 
 class ServerMetrics:

@@ -1,0 +1,328 @@
+"""The CPU quantized-matmul kernels (hpllm/kernels/cpu_quant_matmul.py) against float64 NumPy
+on the dequantized weights, and the model's dispatch to them (hpllm.compress.quantize)."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hpllm.compress import quantize as qz
+from hpllm.config import make_config
+from hpllm.kernels import cpu_quant_matmul as cq
+from hpllm.model.transformer import forward, init_params, unstack_layers
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not found: the CPU kernels cannot be built here")
+    if not cq.enabled():
+        pytest.skip(f"{cq.ENV_SWITCH}=0 disables the CPU kernels")
+    assert cq.available(), "g++ is present but the kernels did not build (see the warning)"
+
+
+def _int8_weight(rng, n, k):
+    q = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    return q, rng.uniform(0.01, 2.0, n).astype(np.float32)
+
+
+def _int4_weight(rng, n, k, group_size):
+    """(packed, scale, dense float64 (n, k)), packed in NumPy as the layout says: K padded to
+    whole groups, code + 8 in a nibble, even k in the low one; padding codes are random (the
+    kernel must not read them)."""
+    kp = -(-k // group_size) * group_size
+    codes = rng.integers(-8, 8, (n, kp))
+    scale = rng.uniform(0.01, 2.0, (n, kp // group_size)).astype(np.float32)
+    u = (codes + 8).astype(np.uint8)
+    packed = u[:, 0::2] | (u[:, 1::2] << 4)
+    dense = codes * np.repeat(scale.astype(np.float64), group_size, axis=1)
+    return jnp.asarray(packed), jnp.asarray(scale), dense[:, :k]
+
+
+def _assert_close_to_float64(got, x, w, terms):
+    """|got - x @ w.T| within float32 accumulation of `terms` roundings of sum |x| |w|."""
+    x = np.asarray(x, np.float64).reshape(-1, w.shape[1])
+    want = x @ w.T
+    bound = (terms + 2) * EPS32 * (np.abs(x) @ np.abs(w).T) + 1e-30
+    err = np.abs(np.asarray(got, np.float64).reshape(want.shape) - want)
+    assert np.all(err <= bound), f"max error / bound {float(np.max(err / bound)):.3g}"
+
+
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("n", [1, 5, 130])
+@pytest.mark.parametrize("k", [1, 7, 33, 577])
+def test_int8_kernel_matches_float64(m, n, k):
+    rng = np.random.default_rng(1000 * m + 10 * n + k)
+    q, s = _int8_weight(rng, n, k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    got = cq.int8_matmul(jnp.asarray(x), jnp.asarray(q), jnp.asarray(s))
+    assert got.shape == (m, n) and got.dtype == jnp.float32
+    _assert_close_to_float64(got, x, q.astype(np.float64) * s[:, None], k)
+
+
+@pytest.mark.parametrize("group_size", [2, 6, 32, 64, 128])
+@pytest.mark.parametrize("k", [1, 7, 33, 577])
+def test_int4_kernel_matches_float64(k, group_size):
+    rng = np.random.default_rng(7 * k + group_size)
+    for m in (1, 3, 17):
+        for n in (1, 5, 130):
+            packed, scale, dense = _int4_weight(rng, n, k, group_size)
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            got = cq.int4_matmul(jnp.asarray(x), packed, scale, k, group_size)
+            assert got.shape == (m, n)
+            _assert_close_to_float64(got, x, dense, k + k // group_size + 2)
+
+
+def test_leading_batch_dims_and_bfloat16_x():
+    rng = np.random.default_rng(3)
+    q, s = _int8_weight(rng, 37, 65)
+    packed, scale, dense4 = _int4_weight(rng, 37, 65, 32)
+    x = rng.standard_normal((2, 3, 65)).astype(np.float32)
+    y8 = cq.int8_matmul(jnp.asarray(x), jnp.asarray(q), jnp.asarray(s))
+    y4 = cq.int4_matmul(jnp.asarray(x), packed, scale, 65, 32)
+    assert y8.shape == y4.shape == (2, 3, 37)
+    _assert_close_to_float64(y8, x, q * s[:, None].astype(np.float64), 65)
+    _assert_close_to_float64(y4, x, dense4, 70)
+    # bfloat16 activations: computed in float32 from the bf16 values, returned as bf16
+    xb = jnp.asarray(x, jnp.bfloat16)
+    for got, w in ((cq.int8_matmul(xb, jnp.asarray(q), jnp.asarray(s)), q * s[:, None]),
+                   (cq.int4_matmul(xb, packed, scale, 65, 32), dense4)):
+        assert got.dtype == jnp.bfloat16
+        want = np.asarray(xb, np.float64).reshape(-1, 65) @ np.asarray(w, np.float64).T
+        want_bf16 = np.asarray(jnp.asarray(want, jnp.float32).astype(jnp.bfloat16), np.float64)
+        # the float32 result rounds to bf16 once: at most one bf16 ulp from rounding want
+        ulp = 2.0 ** (np.floor(np.log2(np.abs(want_bf16) + 1e-30)) - 7)
+        assert np.all(np.abs(np.asarray(got, np.float64).reshape(want.shape) - want_bf16)
+                      <= ulp + 1e-6)
+
+
+def test_inside_jit_and_scan_over_stacked_weights():
+    rng = np.random.default_rng(4)
+    layers, d = 4, 48
+    w = rng.standard_normal((layers, d, d)).astype(np.float32) / np.sqrt(d)
+    w8 = qz.quantize(jnp.asarray(w), "int8", (1,), trailing=2)  # (L, N, K) codes
+    w4 = qz.quantize(jnp.asarray(w), "int4", (1,), group_size=32, trailing=2)
+    x = rng.standard_normal((3, d)).astype(np.float32)
+
+    def run(kind, qw):
+        def layer(h, lw):
+            if kind == "int8":
+                y = cq.int8_matmul(h, lw.q, lw.scale)
+            else:
+                y = cq.int4_matmul(h, lw.q, lw.scale, d, 32)
+            return jnp.tanh(y), None
+        return jax.jit(lambda x, qw: jax.lax.scan(layer, x, qw)[0])(jnp.asarray(x), qw)
+
+    for kind, qw in (("int8", w8), ("int4", w4)):
+        dense = np.asarray(qz.dequantize(qw), np.float64)  # (L, N, K)
+        want = x.astype(np.float64)
+        for i in range(layers):
+            want = np.tanh(want @ dense[i].T)
+        np.testing.assert_allclose(np.asarray(run(kind, qw)), want, rtol=2e-5, atol=2e-6)
+
+
+def test_vmap_over_x_weights_and_both():
+    rng = np.random.default_rng(5)
+    b, m, n, k = 3, 2, 9, 40
+    qs = rng.integers(-127, 128, (b, n, k)).astype(np.int8)
+    ss = rng.uniform(0.5, 1.5, (b, n)).astype(np.float32)
+    xs = rng.standard_normal((b, m, k)).astype(np.float32)
+    wq = qs.astype(np.float64) * ss[..., None]
+    f = cq.int8_matmul
+    cases = {  # in_axes of (x, q, scale) -> the float64 answer
+        (0, None, None): np.einsum("bmk,nk->bmn", xs, wq[0]),
+        (None, 0, 0): np.einsum("mk,bnk->bmn", xs[0], wq),
+        (0, 0, 0): np.einsum("bmk,bnk->bmn", xs, wq),
+    }
+    for axes, want in cases.items():
+        args = [a if ax == 0 else a[0] for a, ax in zip((xs, qs, ss), axes)]
+        vf = jax.jit(jax.vmap(f, in_axes=axes))
+        np.testing.assert_allclose(np.asarray(vf(*map(jnp.asarray, args))), want, rtol=1e-5,
+                                   atol=1e-4)
+        hlo = vf.lower(*map(jnp.asarray, args)).as_text()
+        assert hlo.count("hpllm_int8_matmul") == 1, "vmap should batch the call, not loop it"
+    # nested vmap: x over one axis, weights over another (broadcast inside the kernel)
+    g = jax.vmap(jax.vmap(f, in_axes=(None, 0, 0)), in_axes=(0, None, None))
+    want = np.einsum("amk,bnk->abmn", xs, wq)
+    np.testing.assert_allclose(np.asarray(jax.jit(g)(*map(jnp.asarray, (xs, qs, ss)))), want,
+                               rtol=1e-5, atol=1e-4)
+    # int4 under vmap over x (groups of 8), and over x and stacked weights (groups of 32,
+    # where the kernel reorders x in blocks of 32)
+    packed, scale, dense = _int4_weight(rng, n, k, 8)
+    got = jax.vmap(lambda x: cq.int4_matmul(x, packed, scale, k, 8))(jnp.asarray(xs))
+    np.testing.assert_allclose(np.asarray(got), np.einsum("bmk,nk->bmn", xs, dense),
+                               rtol=1e-5, atol=1e-4)
+    stacked = [_int4_weight(rng, n, k, 32) for _ in range(b)]
+    got = jax.vmap(lambda x, p, s: cq.int4_matmul(x, p, s, k, 32))(
+        jnp.asarray(xs), jnp.stack([w[0] for w in stacked]), jnp.stack([w[1] for w in stacked]))
+    want = np.einsum("bmk,bnk->bmn", xs, np.stack([w[2] for w in stacked]))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+
+
+def test_concurrent_calls_from_several_threads():
+    """Calls big enough to split over the pool, issued at once from 4 Python threads: each
+    result is right (the pool is busy with the others' chunks and tasks start late)."""
+    import threading
+
+    rng = np.random.default_rng(9)
+    q, s = _int8_weight(rng, 4096, 96)
+    f = jax.jit(lambda x: cq.int8_matmul(x, jnp.asarray(q), jnp.asarray(s)))
+    xs = [rng.standard_normal((m, 96)).astype(np.float32) for m in (1, 5, 9)]
+    wants = [x.astype(np.float64) @ (q * s[:, None].astype(np.float64)).T for x in xs]
+    errors = []
+
+    def work(t):
+        for i in range(12):
+            j = (t + i) % len(xs)
+            err = np.abs(np.asarray(f(jnp.asarray(xs[j]))) - wants[j]).max()
+            if not err <= 1e-4 * np.abs(wants[j]).max():
+                errors.append((t, i, err))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_gradients_match_the_float_reference():
+    rng = np.random.default_rng(6)
+    m, n, k = 3, 11, 70
+    x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
+    cot = rng.standard_normal((m, n))
+    q, s = _int8_weight(rng, n, k)
+    packed, scale, dense4 = _int4_weight(rng, n, k, 32)
+    for fn, dense in ((lambda x: cq.int8_matmul(x, jnp.asarray(q), jnp.asarray(s)),
+                       q.astype(np.float64) * s[:, None]),
+                      (lambda x: cq.int4_matmul(x, packed, scale, k, 32), dense4)):
+        dx = jax.grad(lambda x: jnp.sum(fn(x) * cot))(x)
+        np.testing.assert_allclose(np.asarray(dx), cot @ dense, rtol=1e-5, atol=1e-5)
+    # the scales get the reference's gradient; the codes none
+    ds = jax.grad(lambda s: jnp.sum(cq.int8_matmul(x, jnp.asarray(q), s) * cot))(jnp.asarray(s))
+    want = np.einsum("mn,mk,nk->n", cot, np.asarray(x, np.float64), q.astype(np.float64))
+    np.testing.assert_allclose(np.asarray(ds), want, rtol=1e-5, atol=1e-4)
+    ds4 = jax.grad(lambda s: jnp.sum(cq.int4_matmul(x, packed, s, k, 32) * cot))(scale)
+    ref = jax.grad(lambda s: jnp.sum(cq.int4_matmul_reference(x, packed, s, 32) * cot))(scale)
+    np.testing.assert_allclose(np.asarray(ds4), np.asarray(ref), rtol=1e-5, atol=1e-4)
+
+
+def test_bad_inputs_are_refused_with_a_reason():
+    q = jnp.zeros((4, 6), jnp.int8)
+    s = jnp.ones((4,), jnp.float32)
+    with pytest.raises(cq.KernelError, match="end in the weight's K = 6"):
+        cq.int8_matmul(jnp.ones((2, 5)), q, s)
+    with pytest.raises(cq.KernelError, match="int8 \\(N, K\\)"):
+        cq.int8_matmul(jnp.ones((2, 6)), q.astype(jnp.int32), s)
+    with pytest.raises(cq.KernelError, match="one value per row"):
+        cq.int8_matmul(jnp.ones((2, 6)), q, jnp.ones((3,)))
+    with pytest.raises(cq.KernelError, match="floating point"):
+        cq.int8_matmul(jnp.ones((2, 6), jnp.int32), q, s)
+    packed = jnp.zeros((4, 8), jnp.uint8)  # Kp = 16
+    with pytest.raises(cq.KernelError, match="group size must be even"):
+        cq.int4_matmul(jnp.ones((1, 16)), packed, jnp.ones((4, 2)), 16, 7)
+    with pytest.raises(cq.KernelError, match="does not fit packed"):
+        cq.int4_matmul(jnp.ones((1, 16)), packed, jnp.ones((4, 3)), 16, 8)
+    with pytest.raises(cq.KernelError, match="k = 7 does not fit"):
+        cq.int4_matmul(jnp.ones((1, 7)), packed, jnp.ones((4, 2)), 7, 8)
+
+
+def test_disabled_or_unbuildable_kernels_fall_back_to_xla(monkeypatch, tmp_path):
+    monkeypatch.setenv(cq.ENV_SWITCH, "0")
+    assert not cq.available()
+    w = qz.quantize(jax.random.normal(jax.random.key(0), (16, 8)), "int8", (0,))
+    x = jnp.ones((1, 16))
+    hlo = jax.jit(lambda x, w: qz.project(x, w, "bd,df->bf")).lower(x, w).as_text()
+    assert "hpllm_int8_matmul" not in hlo
+    with pytest.raises(cq.KernelError, match="disabled"):
+        cq.int8_matmul(x, w.q, w.scale)
+    monkeypatch.delenv(cq.ENV_SWITCH)
+    # no compiler: build() says so; the availability check warns with the reason
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(cq.KernelError, match="g\\+\\+ not found"):
+        cq.build()
+    monkeypatch.setattr(cq, "_load", lambda variant: cq.build())
+    with pytest.warns(RuntimeWarning, match="unavailable \\(g\\+\\+ not found"):
+        assert cq._native_status.__wrapped__() is not None
+
+
+def test_build_is_cached_and_atomic_and_the_scalar_fallback_is_exact(monkeypatch, tmp_path):
+    """The portable build (no AVX2: the scalar fallback) into an empty cache: one .so, no
+    temporary left, a second build() is the same file; then its results."""
+    if os.uname().machine not in ("x86_64", "AMD64"):
+        pytest.skip("the portable variant targets x86-64")
+    monkeypatch.setenv("HPLLM_CACHE", str(tmp_path))
+    path = cq.build(cq.PORTABLE_FLAGS)
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [path.name]
+    mtime = path.stat().st_mtime_ns
+    assert cq.build(cq.PORTABLE_FLAGS) == path and path.stat().st_mtime_ns == mtime
+    rng = np.random.default_rng(8)
+    for m, n, k in ((1, 5, 7), (3, 130, 33), (17, 5, 577)):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        q, s = _int8_weight(rng, n, k)
+        got = cq.int8_matmul(jnp.asarray(x), jnp.asarray(q), jnp.asarray(s), variant="portable")
+        _assert_close_to_float64(got, x, q.astype(np.float64) * s[:, None], k)
+        packed, scale, dense = _int4_weight(rng, n, k, 32)
+        got = cq.int4_matmul(jnp.asarray(x), packed, scale, k, 32, variant="portable")
+        _assert_close_to_float64(got, x, dense, k + 20)
+
+
+# --------------------------------------------------------------- the model's dispatch
+
+def test_dispatch_is_cpu_only_and_bounded_by_rows():
+    w = qz.quantize(jax.random.normal(jax.random.key(1), (32, 24)), "int4", (0,), group_size=8)
+    f = jax.jit(lambda x, w: qz.project(x, w, "bsd,df->bsf"))
+    small = jnp.ones((1, 3, 32))
+    assert "hpllm_int4_matmul" in f.trace(small, w).lower(lowering_platforms=("cpu",)).as_text()
+    for other in ("cuda", "tpu"):  # the same jitted code lowers to the XLA path there
+        text = f.trace(small, w).lower(lowering_platforms=(other,)).as_text()
+        assert "hpllm_" not in text
+    big = jnp.ones((1, qz.CPU_KERNEL_MAX_ROWS + 1, 32))  # prefill-sized: XLA's GEMM
+    assert "hpllm_" not in f.lower(big, w).as_text()
+    np.testing.assert_allclose(np.asarray(f(small, w)), np.asarray(qz._xla_matmul_nk(small, w)),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module", params=["tiny", "smollm2-shaped"])
+def model(request):
+    if request.param == "tiny":
+        config = make_config("tiny").model
+    else:  # SmolLM2-135M's layer shapes (and tied head), 1 layer, a small vocabulary
+        config = make_config("smollm2-135m", ["--n_layers=1", "--vocab_size=1000",
+                                              "--max_seq_len=64", "--seq_len=64"]).model
+    # random weights in init_params' tree (its shapes only: running init compiles for ~5 s)
+    rng = np.random.default_rng(11)
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(11)))
+    params = jax.tree.map(lambda a: jnp.asarray(
+        rng.standard_normal(a.shape) * 0.2 if len(a.shape) > 1 else 1 + 0.1 * rng.standard_normal(
+            a.shape), a.dtype), shapes)
+    return config, params
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int8-zp", "int4"])
+def test_quantized_model_logits_equal_the_xla_path(model, scheme, monkeypatch):
+    config, params = model
+    qp = qz.quantize_params(params, scheme, group_size=64)
+    tokens = jax.random.randint(jax.random.key(12), (2, 5), 0, config.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+
+    def logits(p):  # a fresh jit: the kernel switch is read while tracing
+        run = jax.jit(lambda p: forward(p, tokens, positions, config)[0])
+        return run, np.asarray(run(p))
+
+    # tiny: layers under lax.scan (sliced per step); SmolLM2-shaped: unrolled, as decode runs
+    for p in ((qp,) if config.dim < 576 else (unstack_layers(qp),)):
+        run, got = logits(p)
+        assert "hpllm_" in run.lower(p).as_text()  # the kernel really ran
+        monkeypatch.setenv(cq.ENV_SWITCH, "0")
+        _, want = logits(p)
+        monkeypatch.delenv(cq.ENV_SWITCH)
+        # int8-zp: both paths compute (x @ q) s - (sum x) z s in float32, two terms up to
+        # ~100x their difference (|z| <= 128), so their roundings differ by ~1e-4 of it.
+        tol = 1e-4 if scheme == "int8-zp" else 1e-5
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
