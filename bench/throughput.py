@@ -71,16 +71,17 @@ def main(argv=None) -> int:
     ap.add_argument("--gamma", type=int, default=4, help="ngram/self: initial draft tokens")
     ap.add_argument("--draft-layers", type=int, default=0, help="self: 0 = a third")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quant", default="", help="quantize the weights on load (int8, int4, ...)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    model = load_model(args.model, progress=False)
+    model = load_model(args.model, progress=False, quant=args.quant)
     requests = shakespeare_requests(model.tokenizer, args.requests, tuple(args.prompt_len),
                                     tuple(args.output_len), args.seed)
     chip = current_chip()
     print(f"{args.model}, {args.requests} requests: prompt {args.prompt_len[0]}-"
           f"{args.prompt_len[1]} tokens, output {args.output_len[0]}-{args.output_len[1]} "
           f"(uniform, seed {args.seed}, greedy, EOS ignored); max_num_seqs "
-          f"{args.max_num_seqs}; {chip.name}")
+          f"{args.max_num_seqs}; weights {args.quant or 'float32'}; {chip.name}")
     results, reference = {}, None
     for mode in args.modes:
         group = {"static": args.max_num_seqs, "one": 1}.get(mode, len(requests))
