@@ -369,9 +369,10 @@ class EngineCore:
             tables[r, :len(c.seq.table.blocks)] = c.seq.table.blocks
         return tables
 
-    def _run(self, chunks: list[Chunk], drafts=None, n_proposed=None):
+    def _run(self, chunks: list[Chunk], drafts=None, n_proposed=None, tables=None):
         """One pass over the chunks; with drafts (R, G) and n_proposed (R,), decode rows score
-        [last token, first n_proposed drafts] and every position's logits come back."""
+        [last token, first n_proposed drafts] and every position's logits come back. tables:
+        the chunks' block tables if the caller already built them."""
         # Few shapes, few compiles (seconds each for a real model): rows by powers of two,
         # prefill chunk lengths by powers of four from 16, drafts by powers of two.
         rows = pow2_bucket(len(chunks))
@@ -394,8 +395,9 @@ class EngineCore:
                 tokens[r, 1:n] = drafts[r, :n - 1]
             positions[r, :n] = np.arange(c.start, c.start + n)
             last[r] = c.length - 1
-        return self.model.run(tokens, positions, self._tables(chunks, rows),
-                              None if drafts is not None else last)
+        if tables is None:
+            tables = self._tables(chunks, rows)
+        return self.model.run(tokens, positions, tables, None if drafts is not None else last)
 
     # -- speculative decoding (hpllm.infer.spec_decode) ---------------------------------------
     def _lookahead(self, seq: Sequence) -> int:
@@ -415,9 +417,9 @@ class EngineCore:
                        for c in chunks]
         arrays = {k: jnp.asarray(v) for k, v in row_arrays(sample_rows, rows).items()}
         filters = any(r.params.has_filters and not r.params.greedy for r in sample_rows)
-        drafts, n_proposed, q = self.speculator.propose(chunks, self._tables(chunks, rows),
-                                                        arrays, filters)
-        logits = self._run(chunks, drafts, n_proposed)
+        tables = self._tables(chunks, rows)
+        drafts, n_proposed, q = self.speculator.propose(chunks, tables, arrays, filters)
+        logits = self._run(chunks, drafts, n_proposed, tables)
         n_accepted, tokens = jax.device_get(accept_rows(
             logits, jnp.asarray(drafts), q, jnp.asarray(n_proposed), arrays, filters=filters))
         plain = [r for r, c in enumerate(chunks) if not speculable(c.seq.request.params)]

@@ -155,18 +155,13 @@ def sample(logits, rows: list[SampleRow]) -> Sampled:
     n_top = max((p.logprobs or 0) for p in params)
     want_logprobs = any(p.logprobs is not None for p in params)
 
-    def column(values, dtype):
-        out = np.zeros(pad, dtype)
-        out[:b] = values
-        return out
-
     arrays = row_arrays(rows, pad)
     if penalties:
         arrays.update(
-            repetition=column([p.repetition_penalty for p in params], np.float32) + (
+            repetition=_column([p.repetition_penalty for p in params], np.float32, pad) + (
                 np.arange(pad) >= b),
-            presence=column([p.presence_penalty for p in params], np.float32),
-            frequency=column([p.frequency_penalty for p in params], np.float32),
+            presence=_column([p.presence_penalty for p in params], np.float32, pad),
+            frequency=_column([p.frequency_penalty for p in params], np.float32, pad),
             prompt_ids=_pad_ids([r.prompt_ids for r in rows], pad),
             output_ids=_pad_ids([r.output_ids for r in rows], pad),
         )
@@ -185,23 +180,24 @@ def sample(logits, rows: list[SampleRow]) -> Sampled:
 def row_arrays(rows: list[SampleRow], pad: int) -> dict:
     """Each row's temperature, filters and draw key parts as (pad,) numpy columns; padding
     rows are greedy with no filters."""
-    b = len(rows)
-
-    def column(values, dtype):
-        out = np.zeros(pad, dtype)
-        out[:b] = values
-        return out
-
     params = [r.params for r in rows]
+    column = functools.partial(_column, pad=pad)
     return dict(
         temperature=column([p.temperature for p in params], np.float32),
         top_k=column([p.top_k if p.top_k > 0 else 0 for p in params], np.int32),
-        top_p=column([p.top_p for p in params], np.float32) + (np.arange(pad) >= b),
+        top_p=column([p.top_p for p in params], np.float32) + (np.arange(pad) >= len(rows)),
         min_p=column([p.min_p for p in params], np.float32),
         seed=column([r.seed & 0xFFFFFFFF for r in rows], np.uint32),
         sample_index=column([r.sample_index for r in rows], np.int32),
         step=column([r.n_generated for r in rows], np.int32),
     )
+
+
+def _column(values, dtype, pad: int) -> np.ndarray:
+    """values padded with zeros to `pad` rows."""
+    out = np.zeros(pad, dtype)
+    out[:len(values)] = values
+    return out
 
 
 def _pad_ids(lists, rows: int) -> np.ndarray:

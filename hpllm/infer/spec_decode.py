@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import weakref
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +46,9 @@ import numpy as np
 from hpllm.config import ConfigError
 from hpllm.infer.drafts import NgramDraft
 from hpllm.infer.sampling import SamplingParams, _filter, pow2_bucket
-from hpllm.infer.speculative import AdaptiveGamma, accept_reject, sample_with_uniform
+from hpllm.infer.speculative import (AdaptiveGamma, SpeculativeStats, accept_reject,
+                                     sample_with_uniform)
+from hpllm.model.transformer import forward
 
 PROPOSERS = ("ngram", "self", "draft")
 CATCH_UP_CHUNK = 256  # draft catch-up tokens per pass
@@ -102,8 +103,6 @@ def accept_rows(logits, drafts, q, n_proposed, a, *, filters):
 def _self_draft_step(params, pool, tokens, positions, tables, a, index, config, dtype, filters):
     """One draft token per row from the first layers: feed tokens (R, 1) at positions (R, 1)
     (-1: this row is done drafting), sample from the filtered distribution q (R, V)."""
-    from hpllm.model.transformer import forward
-
     cache = {**pool, "block_tables": tables}
     logits, cache = forward(params, tokens, positions, config, cache=cache, dtype=dtype,
                             logits_at=jnp.zeros(tokens.shape[0], jnp.int32))
@@ -111,22 +110,6 @@ def _self_draft_step(params, pool, tokens, positions, tables, a, index, config, 
     keys = jax.vmap(lambda k: jax.random.fold_in(k, index))(_row_keys(a, 1))
     token = jax.vmap(sample_with_uniform)(q, jax.vmap(jax.random.uniform)(keys))
     return token, q, {name: cache[name] for name in pool}
-
-
-@dataclass
-class SpecStats:
-    rounds: int = 0  # sequence-steps that scored at least one draft
-    proposed: int = 0
-    accepted: int = 0
-    emitted: int = 0  # tokens those steps produced (accepted + one each)
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.proposed if self.proposed else 0.0
-
-    @property
-    def tokens_per_round(self) -> float:
-        return self.emitted / self.rounds if self.rounds else 0.0
 
 
 class Speculator:
@@ -143,7 +126,8 @@ class Speculator:
             raise ConfigError(f"num_speculative_tokens must be in [1, {max_gamma}], got {gamma}")
         self.method, self.gamma, self.max_gamma, self.adaptive = method, gamma, max_gamma, adaptive
         self.model = model
-        self.stats = SpecStats()
+        # rounds: sequence-steps that scored at least one draft; generated: their tokens
+        self.stats = SpeculativeStats()
         self._gammas: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._proposals: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         config = model.config
@@ -171,8 +155,9 @@ class Speculator:
 
     @property
     def name(self) -> str:
-        return {"self": f"self-{getattr(self, 'draft_layers', 0)}", "draft": "distilled"}.get(
-            self.method, self.method)
+        if self.method == "self":
+            return f"self-{self.draft_layers}"
+        return "distilled" if self.method == "draft" else self.method
 
     def copy_blocks(self, pairs) -> None:
         """Copy-on-write copies the target's pool got this step, for the draft's pool."""
@@ -284,7 +269,7 @@ class Speculator:
             self.stats.rounds += 1
             self.stats.proposed += n_proposed
             self.stats.accepted += n_accepted
-            self.stats.emitted += n_accepted + 1
+            self.stats.generated += n_accepted + 1
             control = self._gammas.get(seq)
             if control is not None:
                 control.update(n_accepted, n_proposed)
