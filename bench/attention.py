@@ -30,8 +30,8 @@ import numpy as np
 
 from hpllm.kernels.decode_attention import flash_decode
 from hpllm.kernels.flash_attention import flash_attention
+from hpllm.kernels.masking import reference_attention
 from hpllm.kernels.pallas_attention import pallas_attention
-from hpllm.model.attention import reference_attention
 from hpllm.perf.hardware import current_chip, time_calls
 
 

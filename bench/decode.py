@@ -2,7 +2,15 @@
 next to the roofline figure and, when installed, llama.cpp and HF transformers measured in
 the same run on the same prompt.
 
-    python bench/decode.py [--model smollm2-135m] [--tokens 128] [--threads 2] [--out FILE]
+    python bench/decode.py [--model smollm2-135m] [--tokens 128] [--naive-tokens 64]
+                           [--threads 2] [--out FILE]
+
+The baseline row is the course's first exercise, naive inference: no KV cache, the whole
+sequence run through the model again for every new token (padded to power-of-two buckets,
+so a few compiled shapes serve every length; the causal mask keeps padding out). A token at
+length L costs a prefill of L tokens, 2·P·L FLOPs plus attention over L² pairs, so n tokens
+cost ~P·n² where the cached decode costs 2·P·n: the roofline's prefill prediction of each
+step, summed, is printed beside the measurement.
 
 Each engine generates `--tokens` greedy tokens from the same prompt ids, once to warm up
 (compile) and once timed; a token's time is the wall time of its decode step (one token in,
@@ -19,6 +27,7 @@ GGUF and dequantize it to float32. A peer that is not installed is reported as s
 from __future__ import annotations
 
 import argparse
+import functools
 import pathlib
 import statistics
 import sys
@@ -29,8 +38,10 @@ import jax
 import jax.numpy as jnp
 
 from hpllm.checkpoints.registry import load_model
-from hpllm.infer.generate import _bucket, _decode, _prefill
-from hpllm.model.transformer import init_cache, unstack_layers
+from hpllm.infer.generate import _decode, _prefill
+from hpllm.infer.sampling import pow2_bucket
+from hpllm.model.kv_cache import DenseKVCache
+from hpllm.model.transformer import forward, unstack_layers
 from hpllm.perf.hardware import current_chip
 from hpllm.perf.roofline import Workload, predict
 
@@ -46,15 +57,15 @@ def ours(model, prompt: list[int], n: int):
     return decode_steps(model.params, model.config, prompt, n)
 
 
-def decode_steps(params, config, prompt: list[int], n: int, kv_dtype=None):
+def decode_steps(params, config, prompt: list[int], n: int, kv_dtype="float32"):
     """(greedy ids, per-step seconds, cache length) of n tokens with generate's jitted steps,
     the second of two runs (the first compiles); bench/quantization.py reuses it."""
     params = unstack_layers(params)
-    length = _bucket(len(prompt) + n, config.max_seq_len, 256)
+    length = pow2_bucket(len(prompt) + n, 256, config.max_seq_len)
 
     def run():
-        cache = init_cache(config, 1, length, jnp.float32, kv_dtype)
-        padded = prompt + [0] * (_bucket(len(prompt), length) - len(prompt))
+        cache = DenseKVCache.create(config, 1, length, kv_dtype)
+        padded = prompt + [0] * (pow2_bucket(len(prompt), 16, length) - len(prompt))
         logits, cache = _prefill(params, jnp.asarray([padded], jnp.int32),
                                  jnp.int32(len(prompt)), cache, config, jnp.float32)
         token = jnp.argmax(logits, -1).astype(jnp.int32)
@@ -71,6 +82,41 @@ def decode_steps(params, config, prompt: list[int], n: int, kv_dtype=None):
     run()  # compile
     ids, times = run()
     return ids, times, length
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _full_sequence(params, tokens, length, config):
+    """Naive inference's step: the whole (padded) sequence through the model, no cache; the
+    next-token logits of its last real position."""
+    positions = jnp.arange(tokens.shape[1])[None]
+    logits, _ = forward(params, tokens, positions, config, logits_at=length[None] - 1)
+    return logits
+
+
+def naive_steps(params, config, prompt: list[int], n: int):
+    """(greedy ids, per-token seconds, the padded length of each step) of n tokens with the
+    full sequence recomputed for every token; the second of two runs."""
+    def run():
+        ids, times, lengths = list(prompt), [], []
+        for _ in range(n):
+            start = time.perf_counter()
+            length = pow2_bucket(len(ids), 16, config.max_seq_len)
+            tokens = jnp.asarray([ids + [0] * (length - len(ids))], jnp.int32)
+            logits = _full_sequence(params, tokens, jnp.int32(len(ids)), config)
+            ids.append(int(jnp.argmax(logits[0])))  # read back: the step is finished
+            times.append(time.perf_counter() - start)
+            lengths.append(length)
+        return ids[len(prompt):], times, lengths
+
+    run()  # compile every bucket
+    return run()
+
+
+def naive_prediction(config, lengths: list[int], chip) -> float:
+    """Seconds the roofline gives the naive steps: a prefill of each step's padded length."""
+    return sum(predict(config, Workload("prefill", 1, seq_len=length), chip,
+                       compute_dtype="float32", attention=config.attention).step_s
+               for length in lengths)
 
 
 def llamacpp(path, prompt: list[int], n: int, threads: int):
@@ -129,6 +175,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=128, help="greedy tokens per engine")
+    ap.add_argument("--naive-tokens", type=int, default=64,
+                    help="tokens for the naive (no KV cache) baseline; 0 skips it")
     ap.add_argument("--threads", type=int, default=2, help="threads for llama.cpp and torch")
     ap.add_argument("--out", default="", help="also write the report (markdown) here")
     args = ap.parse_args(argv)
@@ -141,6 +189,28 @@ def main(argv=None) -> int:
     pred = predict(model.config, Workload("decode", 1, context=context), chip,
                    compute_dtype="float32")
     rows = [("hpllm (JAX, float32, dense KV cache)", step, ids, len(times), "")]
+    naive_lines = []
+    if args.naive_tokens:
+        n = args.naive_tokens
+        naive_ids, naive_times, lengths = naive_steps(model.params, model.config, prompt, n)
+        rows.insert(0, ("naive: full sequence per token, no KV cache (baseline)",
+                        statistics.median(naive_times), naive_ids, n, ""))
+        naive_pred = naive_prediction(model.config, lengths, chip)
+        cached_pred = sum(predict(model.config, Workload("decode", 1, context=context), chip,
+                                  compute_dtype="float32").step_s for _ in range(n - 1))
+        naive_lines = [
+            "## Naive inference (no KV cache): the quadratic baseline", "",
+            f"- {n} tokens after a {len(prompt)}-token prompt, each step a prefill of the "
+            f"whole sequence padded to {sorted(set(lengths))} tokens: 2·P·L FLOPs per step "
+            "(plus attention over L² pairs), ~P·n² in all against 2·P·n with a cache",
+            f"- predicted (roofline, each step a prefill of its padded length): "
+            f"{naive_pred:.2f} s in all, {naive_pred / n * 1e3:.1f} ms/token",
+            f"- measured: {sum(naive_times):.2f} s in all, median "
+            f"{statistics.median(naive_times) * 1e3:.1f} ms/token "
+            f"({(sum(naive_times) - naive_pred) / naive_pred:+.0%} against the prediction)",
+            f"- the cached decode of as many tokens: {sum(times[:n - 1]):.2f} s measured, "
+            f"{cached_pred:.2f} s predicted: the cache saves "
+            f"{sum(naive_times) / max(sum(times[:n - 1]), 1e-9):.1f}x here", ""]
 
     versions = [f"jax {jax.__version__}"]
     try:
@@ -178,7 +248,8 @@ def main(argv=None) -> int:
         table.append(f"| {label} | {1 / s:.1f} | {s * 1e3:.2f} | {step / s:.2f}x | "
                      f"{same_prefix(ids, theirs)}/{len(ids)} |")
     lines = [f"# Single-stream decode speed: {model.path.name}", "",
-             f"Command: `python bench/decode.py --tokens {args.tokens} --threads {args.threads}`"
+             f"Command: `python bench/decode.py --tokens {args.tokens} --naive-tokens "
+             f"{args.naive_tokens} --threads {args.threads}`"
              "  ",
              f"Machine: {cpu_name()}, {jax.local_device_count()} JAX {jax.default_backend()} "
              f"device(s); threads for llama.cpp and torch: {args.threads}; "
@@ -192,11 +263,12 @@ def main(argv=None) -> int:
              f"activations {weights / 1e6:.0f} MB, KV cache of {context} slots "
              f"{kv / 1e6:.1f} MB plus scores)",
              f"- read bandwidth ({chip.name}; {chip.source}): {chip.hbm_bandwidth / 1e9:.1f} GB/s",
+             *[f"- {note}" for note in pred.notes],
              f"- roofline: {pred.step_s * 1e3:.2f} ms/token = {1 / pred.step_s:.1f} tok/s "
              f"({pred.bound}-bound)",
              f"- measured: {step * 1e3:.2f} ms/token = {1 / step:.1f} tok/s, "
              f"{pred.step_s / step:.0%} of the roofline; effective "
-             f"{pred.bytes / step / 1e9:.1f} GB/s", ""]
+             f"{pred.bytes / step / 1e9:.1f} GB/s", "", *naive_lines]
     return emit(lines, args.out)
 
 

@@ -21,8 +21,8 @@ import numpy as np
 
 from hpllm.checkpoints.registry import load_model
 from hpllm.infer.generate import generate
-from hpllm.infer.perplexity import shakespeare_validation_texts
 from hpllm.model.transformer import forward
+from hpllm.train.data import shakespeare_validation_texts
 
 PROMPT = "The capital of France is"
 

@@ -23,8 +23,8 @@ import sys
 import jax
 import numpy as np
 
-from hpllm.config import ModelConfig
-from hpllm.infer.engine import EngineConfig, EngineCore
+from hpllm.config import EngineConfig, ModelConfig
+from hpllm.infer.engine import EngineCore
 from hpllm.infer.sampling import SamplingParams
 from hpllm.model.transformer import init_params
 

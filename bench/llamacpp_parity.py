@@ -30,8 +30,8 @@ import numpy as np
 
 from hpllm.checkpoints.registry import load_model
 from hpllm.infer.generate import generate
-from hpllm.infer.perplexity import shakespeare_validation_texts
 from hpllm.model.transformer import forward
+from hpllm.train.data import shakespeare_validation_texts
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from report import emit  # noqa: E402

@@ -36,8 +36,10 @@ from hpllm.model import moe  # noqa: E402
 from hpllm.parallel import sharding  # noqa: E402
 from hpllm.parallel.pipeline import bubble_fraction  # noqa: E402
 from hpllm.perf.hardware import time_calls  # noqa: E402
+from hpllm.perf.hlo import collective_counts  # noqa: E402
 from hpllm.train.data import random_batch  # noqa: E402
-from hpllm.train.step import init_state, jit_train_step  # noqa: E402
+from hpllm.train.state import init_sharded_state, init_state  # noqa: E402
+from hpllm.train.step import jit_train_step  # noqa: E402
 
 
 def median_ms(run, repeats):
@@ -84,7 +86,7 @@ def time_train_step(config, repeats):
         state = jax.jit(init_state, static_argnums=0)(config, jax.random.key(0))
         batch = jax.device_put(batch)
     else:
-        state = sharding.init_sharded_state(config, mesh, jax.random.key(0))
+        state = init_sharded_state(config, mesh, jax.random.key(0))
         batch = sharding.shard_batch(batch, mesh)
     compiled = jit_train_step(config, mesh).lower(state, batch).compile()
     holder = {"state": state}
@@ -94,7 +96,7 @@ def time_train_step(config, repeats):
         return metrics["loss"]
 
     ms = median_ms(run, repeats)
-    return ms, sharding.hlo_collectives(compiled.as_text())
+    return ms, collective_counts(compiled.as_text())
 
 
 def bench_expert_parallel(repeats):

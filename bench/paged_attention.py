@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hpllm.kernels.decode_attention import flash_decode
+from hpllm.kernels.masking import reference_attention
 from hpllm.kernels.paged_attention import paged_attention_gather, paged_attention_online
-from hpllm.model.attention import reference_attention
 from hpllm.perf.hardware import current_chip, time_calls
 
 HEADS, KV_HEADS, DIM, BLOCK = 8, 2, 64, 16

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpllm.compress import quantize as qz
+from hpllm import quantized as qt
 from hpllm.kernels import cpu_quant_matmul as kernel
 from hpllm.perf.hardware import current_chip, time_calls
 
@@ -57,16 +57,16 @@ def methods(k: int, tied: bool):
 
     def as_qw(scheme):
         def build(w):
-            return qz.quantize(w, scheme, (1,), group_size=GROUP)
+            return qt.quantize(w, scheme, (1,), group_size=GROUP)
         return build
 
     return {
         # float32 weights in the model's layout: (K, N) projections, the (N, K) tied table
         "f32 XLA": (many(lambda x, w: x @ w.T) if tied else many(lambda x, w: x @ w),
                     (lambda w: w) if tied else (lambda w: w.T.copy())),
-        "int8 XLA": (many(qz._xla_matmul_nk), as_qw("int8")),
+        "int8 XLA": (many(qt._xla_matmul_nk), as_qw("int8")),
         "int8 kernel": (many(lambda x, w: kernel.int8_matmul(x, w.q, w.scale)), as_qw("int8")),
-        "int4 XLA": (many(qz._xla_matmul_nk), as_qw("int4")),
+        "int4 XLA": (many(qt._xla_matmul_nk), as_qw("int4")),
         "int4 kernel": (many(lambda x, w: kernel.int4_matmul(x, w.q, w.scale, k, GROUP)),
                         as_qw("int4")),
     }
@@ -124,11 +124,11 @@ def sweep(args) -> list[str]:
     k, n = 576, 1536
     copies = copies_for(k, n, args.working_set_mib * 2**20)
     rng = np.random.default_rng(1)
-    ws = [qz.quantize(jnp.asarray(rng.standard_normal((n, k), np.float32)), "int8", (1,))
+    ws = [qt.quantize(jnp.asarray(rng.standard_normal((n, k), np.float32)), "int8", (1,))
           for _ in range(copies)]
-    f32 = [qz.dequantize(w).T.copy() for w in ws]  # (K, N)
+    f32 = [qt.dequantize(w).T.copy() for w in ws]  # (K, N)
     kern = jax.jit(lambda x, ws: [kernel.int8_matmul(x, w.q, w.scale) for w in ws])
-    xla = jax.jit(lambda x, ws: [qz._xla_matmul_nk(x, w) for w in ws])
+    xla = jax.jit(lambda x, ws: [qt._xla_matmul_nk(x, w) for w in ws])
     dense = jax.jit(lambda x, ws: [x @ w for w in ws])
     lines = ["| M | f32 XLA us | int8 XLA us | int8 kernel us | kernel GFLOP/s | "
              "kernel vs int8 XLA |", "|---|---|---|---|---|---|"]

@@ -36,13 +36,17 @@ import sys
 
 import jax
 
+from hpllm import quantized as qt
 from hpllm.checkpoints.registry import load_model
 from hpllm.compress import prune as pr
 from hpllm.compress import quantize as qz
-from hpllm.infer.generate import _bucket
-from hpllm.infer.perplexity import evaluate_texts, shakespeare_validation_texts
+from hpllm.config import KV_DTYPES
+from hpllm.infer.perplexity import evaluate_texts
+from hpllm.infer.sampling import pow2_bucket
 from hpllm.kernels import cpu_quant_matmul
+from hpllm.model.kv_cache import kv_bytes_per_token
 from hpllm.perf.hardware import current_chip
+from hpllm.train.data import shakespeare_validation_texts
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from decode import decode_steps  # noqa: E402
@@ -51,7 +55,7 @@ from report import emit  # noqa: E402
 PROMPT = "The capital of France is"
 
 
-def decode_run(params, config, prompt: list[int], n: int, kv_dtype=None):
+def decode_run(params, config, prompt: list[int], n: int, kv_dtype="float32"):
     """(greedy ids, per-step seconds) of a warm run of generate's decode steps."""
     ids, times, _ = decode_steps(params, config, prompt, n, kv_dtype)
     return ids, times
@@ -60,7 +64,7 @@ def decode_run(params, config, prompt: list[int], n: int, kv_dtype=None):
 def matrix_elements(params) -> int:
     """Elements of the quantized matrices (what a materialised f32 copy would hold)."""
     return sum(w.n * w.k * math.prod(w.q.shape[:-2])
-               for w in jax.tree.leaves(params, is_leaf=qz.is_quantized) if qz.is_quantized(w))
+               for w in jax.tree.leaves(params, is_leaf=qt.is_quantized) if qt.is_quantized(w))
 
 
 def variants(params, group_size: int):
@@ -158,9 +162,8 @@ def main(argv=None) -> int:
     prompt = base.tokenizer.encode(PROMPT)
     chip = current_chip()
     bw = chip.hbm_bandwidth
-    context = _bucket(len(prompt) + args.decode_tokens, config.max_seq_len, 256)
-    kv_f32 = qz.kv_bytes_per_token(config.n_layers, config.n_kv_heads, config.head_dim,
-                                   "float32") * context
+    context = pow2_bucket(len(prompt) + args.decode_tokens, 256, config.max_seq_len)
+    kv_f32 = kv_bytes_per_token(config, "float32") * context
     if args.decode_only:
         return decode_only(args, base, prompt, chip, context, kv_f32)
 
@@ -185,9 +188,9 @@ def main(argv=None) -> int:
         del params
 
     kv_rows = []
-    for kv in (None, "int8"):
+    for kv in ("float32", "int8"):
         ids, times = decode_run(base.params, config, prompt, args.decode_tokens, kv)
-        kv_rows.append((kv or "float32", ids, statistics.median(times)))
+        kv_rows.append((kv, ids, statistics.median(times)))
 
     def same(a, b):
         return sum(x == y for x, y in zip(a, b))
@@ -205,8 +208,7 @@ def main(argv=None) -> int:
             f"{same(r['ids'], ref['ids'])}/{len(ref['ids'])} | {1 / r['step']:.1f} | "
             f"{ref['step'] / r['step']:.2f}x | {roof} | {r['fused'] / r['step']:.0%} |")
 
-    per_token = {d: qz.kv_bytes_per_token(config.n_layers, config.n_kv_heads, config.head_dim, d)
-                 for d in ("float32", "bfloat16", "int8")}
+    per_token = {d: kv_bytes_per_token(config, d) for d in KV_DTYPES}
     budget = args.budget_gib * 2**30
     ctx = config.max_seq_len if config.max_seq_len <= 4096 else 2048
     kv_table = ["| KV cache | bytes/token | sequences of "

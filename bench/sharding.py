@@ -24,8 +24,10 @@ from hpllm.parallel import sharding as S
 from hpllm.parallel.mesh import describe, make_mesh
 from hpllm.perf import roofline
 from hpllm.perf.hardware import current_chip, time_calls
+from hpllm.perf.hlo import collective_counts
 from hpllm.train.data import random_batch
-from hpllm.train.step import init_state, jit_train_step
+from hpllm.train.state import init_sharded_state, init_state
+from hpllm.train.step import jit_train_step
 
 # name -> (mesh, extra overrides). Pipeline and MoE rows use part B's code (GPipe over
 # `stage`, experts over `expert`); they are skipped with the reason if it cannot run.
@@ -34,6 +36,7 @@ STRATEGIES = {
     "dp": ("data=-1", []),
     "fsdp": ("fsdp=-1", []),
     "tp": ("tensor=-1", []),
+    "tp_ring": ("tensor=-1", ["--collective_matmul=ring"]),  # the ring collective matmuls
     "fsdp_tp": ("fsdp=-1,tensor=2", []),
     "dp_fsdp_tp": ("data=2,fsdp=-1,tensor=2", []),
     "pipeline": ("data=-1,stage=2", ["--microbatches=4"]),
@@ -51,7 +54,7 @@ def run(preset: str, mesh_text: str, extra: list[str], steps: int, chip) -> dict
         placed = jax.device_put(batch)
     else:
         mesh = make_mesh(config.mesh)
-        state = S.init_sharded_state(config, mesh, jax.random.key(0))
+        state = init_sharded_state(config, mesh, jax.random.key(0))
         step = jit_train_step(config, mesh)
         placed = S.shard_batch(batch, mesh)
     compiled = step.lower(state, placed).compile()
@@ -81,7 +84,7 @@ def run(preset: str, mesh_text: str, extra: list[str], steps: int, chip) -> dict
             "pred_ms": 1e3 * pred.step_s, "bound": pred.bound,
             "mem_mib": compiled_bytes / 2**20, "pred_mem_mib": pred.memory["total"] / 2**20,
             "state_mib": (mem.argument_size_in_bytes) / 2**20,
-            "collectives": S.hlo_collectives(compiled.as_text())}
+            "collectives": collective_counts(compiled.as_text())}
 
 
 def main(argv=None):

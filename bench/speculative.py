@@ -30,11 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from hpllm.checkpoints.registry import load_model
-from hpllm.infer.drafts import NgramDraft, model_draft, self_draft
 from hpllm.infer.early_exit import evaluate_early_exit
 from hpllm.infer.generate import generate
-from hpllm.infer.perplexity import shakespeare_validation_texts
-from hpllm.infer.speculative import SpeculativeStats, speculative_generate
+from hpllm.infer.speculative.control import SpeculativeStats
+from hpllm.infer.speculative.proposers import NgramDraft
+from hpllm.infer.speculative.single_stream import model_draft, self_draft, speculative_generate
+from hpllm.train.data import shakespeare_validation_texts
 
 
 def weight_bytes(params) -> int:
@@ -53,11 +54,12 @@ def verify_costs(params, config, gammas, context: int = 200, repeats: int = 5) -
     roofline says ~1 (the weights are read once either way), XLA:CPU's small-M matmuls say
     otherwise."""
     from hpllm.infer.generate import _decode
-    from hpllm.infer.speculative import _verify
-    from hpllm.model.transformer import init_cache, unstack_layers
+    from hpllm.infer.speculative.single_stream import _verify
+    from hpllm.model.kv_cache import DenseKVCache
+    from hpllm.model.transformer import unstack_layers
 
     params = unstack_layers(params)
-    state = {"cache": init_cache(config, 1, 512)}
+    state = {"cache": DenseKVCache.create(config, 1, 512)}
 
     def per_call(fn):
         fn()
@@ -128,7 +130,7 @@ def main():
         drafts.append((f"self-{k}", lambda k=k: self_draft(params, config, k),
                        weight_bytes(d.params) / target_bytes))
     try:
-        from hpllm.compress.distill import load_distilled
+        from hpllm.checkpoints.distilled import load_distilled
 
         student_config, student = load_distilled()
         drafts.append(("distilled", lambda: model_draft(student, student_config, config),

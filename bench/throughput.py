@@ -7,7 +7,7 @@ run through the same engine three ways:
   static      groups of max_num_seqs: a group runs until its longest request is done, then
               the next group starts (no one joins a running batch)
   one         one request at a time
-  ngram, self, draft  continuous, with speculative decoding in the engine (spec_decode):
+  ngram, self, draft  continuous, with speculative decoding in the engine (infer/speculative):
               prompt lookup, the first --draft-layers layers, or the `hpllm distill` draft
 Each mode runs the workload twice; the second run is timed (the first compiles its shapes).
 Prints requests/s, output tokens/s, mean batch size per decode step, the ratio to the
@@ -27,9 +27,11 @@ import time
 import numpy as np
 
 from hpllm.checkpoints.registry import load_model
-from hpllm.infer.engine import EngineConfig, EngineCore, kv_bytes_per_token
+from hpllm.config import EngineConfig
+from hpllm.infer.engine import EngineCore
 from hpllm.infer.sampling import SamplingParams
-from hpllm.infer.workload import shakespeare_requests
+from hpllm.serve.workload import shakespeare_requests
+from hpllm.model.kv_cache import kv_bytes_per_token
 from hpllm.perf.hardware import current_chip
 from hpllm.perf.roofline import Workload, predict
 

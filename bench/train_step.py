@@ -23,7 +23,8 @@ from hpllm.model.transformer import count_params
 from hpllm.perf.hardware import current_chip
 from hpllm.perf.roofline import train_flops_per_token
 from hpllm.train.data import random_batch
-from hpllm.train.step import init_state, jit_train_step
+from hpllm.train.state import init_state
+from hpllm.train.step import jit_train_step
 
 
 def time_step(config, steps: int) -> dict:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import yaml
 
-from hpllm.config import DEFAULT_PRESET, PRESETS, ConfigError, make_config
+from hpllm.config import (DEFAULT_PRESET, PRESETS, ConfigError, EngineConfig, ServerConfig,
+                          add_options, from_options, make_config, option_dest)
 
 USAGE_OVERRIDES = ("overrides: --key=value for any config field (e.g. --n_layers=6 --lr=1e-3); "
                    "see `hpllm config` for the keys and their values")
@@ -37,14 +39,48 @@ def cmd_config(args, extra) -> int:
 
 
 def cmd_hw(args, extra) -> int:
-    from hpllm.perf.hardware import current_chip, measured_cpu
+    import json
+
+    import jax
+
+    from hpllm.perf import hardware
 
     if extra:
         raise ConfigError(f"hpllm hw takes no overrides, got {' '.join(extra)}")
-    chip = measured_cpu(refresh=True) if args.refresh else current_chip()
-    print(f"{chip.name}: " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in
-                                       chip.peak_flops.items())
-          + f", memory {chip.hbm_bandwidth / 1e9:.1f} GB/s ({chip.source})")
+    if jax.devices()[0].platform != "cpu":  # an accelerator: its datasheet figures
+        chip = hardware.current_chip()
+        print(f"{chip.name}: " + ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in
+                                           chip.peak_flops.items())
+              + f", memory {chip.hbm_bandwidth / 1e9:.0f} GB/s ({chip.source})")
+        out = {"chip": chip.name, "peak_flops": chip.peak_flops,
+               "read_bandwidth": chip.hbm_bandwidth, "source": chip.source}
+    else:
+        out = hardware.cpu_figures(refresh=args.refresh or args.force, force=args.force)
+        load = out["load_average"]
+        print(f"CPU ({hardware.cpu_name()}), {out['cores']} cores: "
+              f"measured {out['measured_at']} at load {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}"
+              + (" (busy: figures read low)" if out["busy"] else "")
+              + ("" if out["cached"] else ", not cached"))
+        print("  matmul peak (jitted 2048^3): " + ", ".join(
+            f"{d} {out[d] / 1e12:.3f} T{'OP' if d == 'int8' else 'FLOP'}/s"
+            for d in hardware.MATMUL_DTYPES))
+        print(f"  memory ({out['probe']}): read {out['read_bandwidth'] / 1e9:.1f} GB/s, "
+              f"copy {out['copy_bandwidth'] / 1e9:.1f} GB/s (read + write)")
+        print(f"  XLA runtime: mat-vec chain {out['matvec_bandwidth'] / 1e9:.1f} GB/s of "
+              f"weights + {out.get('matvec_dot_s', 0) * 1e6:.1f} us per dot; "
+              f"{out['op_overhead_s'] * 1e6:.2f} us per op, "
+              f"{out['call_overhead_s'] * 1e6:.0f} us per call")
+        if out.get("int8_matvec_bandwidth"):
+            print(f"  int8 kernel: mat-vec chain {out['int8_matvec_bandwidth'] / 1e9:.1f} GB/s "
+                  f"of codes + scales + {out['int8_matvec_dot_s'] * 1e6:.1f} us per call")
+        for kind, rates in out.get("batched_flops", {}).items():
+            if rates:
+                print(f"  {kind} dot chain at rows " + ", ".join(
+                    f"{m}: {r / 1e9:.0f}" for m, r in rates.items()) + " GFLOP/s")
+        out["peak_flops"] = {d: out[d] for d in hardware.MATMUL_DTYPES}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
     return 0
 
 
@@ -55,6 +91,11 @@ def cmd_roofline(args, extra) -> int:
     from hpllm.perf.hardware import CHIPS, current_chip
 
     config = make_config(args.preset, extra)
+    if args.quant and args.quant not in roofline.QUANT_ROW_BYTES:
+        raise ConfigError(f"the roofline counts --quant {' or '.join(roofline.QUANT_ROW_BYTES)}"
+                          f" weights, not {args.quant}")
+    if args.quant and args.workload in ("train", "all"):
+        raise ConfigError("--quant is for the prefill, decode and engine workloads")
     if args.chip and args.chip not in CHIPS:
         raise ConfigError(f"unknown chip {args.chip!r}; known: {', '.join(CHIPS)}")
     chip = CHIPS[args.chip] if args.chip else current_chip()
@@ -75,7 +116,7 @@ def cmd_roofline(args, extra) -> int:
     reports = []
     for workload in workloads:
         report = compare(config, workload, chip, mesh, measure=args.measure,
-                         repeats=args.repeats)
+                         repeats=args.repeats, quant=args.quant)
         print(report["text"] + "\n")
         reports.append(report)
     if args.json:
@@ -87,6 +128,106 @@ def cmd_roofline(args, extra) -> int:
                       [r["json"].get("measured_s") for r in reports])
         print(f"roofline chart: {args.plot}")
     return 0
+
+
+def cmd_cost_train(args, extra) -> int:
+    from hpllm.perf import cost
+
+    if extra:
+        raise ConfigError(f"hpllm cost takes no overrides, got {' '.join(extra)}")
+    chip = cost.chip(args.chip)
+    if args.gpu_hours and (args.params or args.tokens):
+        raise ConfigError("give --gpu-hours, or --params and --tokens, not both")
+    if args.gpu_hours:
+        hours = args.gpu_hours
+    elif args.params and args.tokens:
+        hours = cost.gpu_hours_for(args.params, args.tokens, chip, args.mfu)
+        print(f"6·P·T = {cost.training_flops(args.params, args.tokens):.3g} FLOPs at "
+              f"{args.mfu:.0%} MFU of {chip.name}'s {chip.peak('bfloat16') / 1e12:.0f} "
+              "TFLOP/s (bf16 dense)")
+    else:
+        raise ConfigError("give --gpu-hours H, or --params P and --tokens T")
+    watts = cost.chip_watts(chip, args.watts)
+    print(f"{cost.train_cost(hours, watts, args.pue, args.grid)} ({chip.name} at {watts:.0f} "
+          f"W, PUE {args.pue:g}, {args.grid:g} kgCO2e/kWh)")
+    return 0
+
+
+def cmd_cost_serve(args, extra) -> int:
+    from hpllm.perf import cost
+
+    if extra:
+        raise ConfigError(f"hpllm cost takes no overrides, got {' '.join(extra)}")
+    if args.model not in cost.MODELS:
+        raise ConfigError(f"unknown --model {args.model!r}; known: {', '.join(cost.MODELS)}")
+    model = cost.MODELS[args.model]
+    params = args.params or model.params
+    if args.price:
+        if args.gpus < 1:
+            raise ConfigError("--price needs --gpus (GPUs the price buys)")
+        name, price, gpus, chip = "the instance", args.price, args.gpus, cost.chip(args.chip)
+    else:
+        inst = cost.instance(args.instance)
+        name, price, gpus = inst.name, inst.dollars_per_hour, inst.gpus
+        chip = cost.chip(args.chip or inst.chip)
+    kv_dtype = args.kv_dtype or args.dtype
+    weights = cost.weight_bytes(params, args.dtype)
+    kv = cost.kv_bytes(model, args.context, kv_dtype)
+    memory = gpus * chip.hbm_bytes
+    print(f"{args.model} ({model.source}): weights {weights / 1e9:.1f} GB in {args.dtype}; "
+          f"KV cache {kv / 1e6:.1f} MB per {args.context:,}-token sequence ({kv_dtype})")
+    if args.model in cost.COURSE_KV_2048 and args.context == 2048:
+        print(f"  note: {cost.COURSE_KV_NOTE}")
+    room = (memory - weights) / kv
+    print(f"{name}: {gpus} x {chip.name}, {memory / 1e9:.0f} GB, ${price:.4f}/h: "
+          + (f"room for {room:,.0f} such sequences beside the weights" if room >= 1 else
+             f"the weights do not fit ({weights / memory:.1f}x its memory)"))
+    if args.tokens_per_s:
+        rate, how = args.tokens_per_s, "given"
+    else:
+        rate = cost.decode_tokens_per_s(params, weights / params, chip, gpus, args.batch,
+                                        cost.kv_bytes(model, args.context, kv_dtype),
+                                        args.dtype)
+        how = (f"roofline: batch {args.batch} at context {args.context:,}, weights and KV "
+               f"read once per step over {gpus} x {chip.hbm_bandwidth / 1e9:.0f} GB/s, "
+               "inter-GPU traffic left out")
+    print(f"{rate:,.0f} output tokens/s ({how}): "
+          f"${cost.dollars_per_million_tokens(price, rate):.2f} per million output tokens")
+    return 0
+
+
+def _cost_parsers(sub) -> None:
+    from hpllm.perf.cost import GRID_KG_PER_KWH, INSTANCES, MODELS, PUE
+
+    p = sub.add_parser("cost", help="what training (GPU-hours, MWh, tCO2e) and serving "
+                                    "($ per million tokens) cost")
+    cost = p.add_subparsers(dest="cost_command", required=True)
+    p = cost.add_parser("train", help="energy and emissions from GPU-hours or 6·P·T FLOPs")
+    p.add_argument("--gpu-hours", type=float, default=0.0)
+    p.add_argument("--params", type=float, default=0.0, help="parameters (e.g. 6.7e9)")
+    p.add_argument("--tokens", type=float, default=0.0, help="training tokens (e.g. 1e12)")
+    p.add_argument("--mfu", type=float, default=0.5, help="model FLOP utilisation (0-1)")
+    p.add_argument("--chip", default="a100", help="chip table key (a100, h100, tpu-v4, ...)")
+    p.add_argument("--watts", type=float, default=0.0, help="power per GPU (default: TDP)")
+    p.add_argument("--pue", type=float, default=PUE, help="data-centre PUE")
+    p.add_argument("--grid", type=float, default=GRID_KG_PER_KWH,
+                   help="grid carbon intensity, kgCO2e/kWh")
+    p.set_defaults(fn=cmd_cost_train)
+    p = cost.add_parser("serve", help="$ per million output tokens, and the memory it needs")
+    p.add_argument("--model", default="falcon-7b", help=f"one of {', '.join(MODELS)}")
+    p.add_argument("--params", type=float, default=0.0, help="override the parameter count")
+    p.add_argument("--instance", default="g5.12xlarge", help=f"one of {', '.join(INSTANCES)}")
+    p.add_argument("--price", type=float, default=0.0, help="$/hour instead of --instance")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs the --price buys")
+    p.add_argument("--chip", default="", help="chip table key (default: the instance's)")
+    p.add_argument("--tokens-per-s", type=float, default=0.0,
+                   help="measured output throughput (default: predict it)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoding together")
+    p.add_argument("--context", type=int, default=2048, help="tokens per sequence")
+    p.add_argument("--dtype", default="bfloat16", help="weight dtype (float32, bfloat16, "
+                                                       "int8, int4)")
+    p.add_argument("--kv-dtype", default="", help="KV cache dtype (default: --dtype)")
+    p.set_defaults(fn=cmd_cost_serve)
 
 
 def _load(args):
@@ -106,13 +247,15 @@ def _load(args):
 
 
 def _sampling(args):
-    from hpllm.infer.text import Sampling
+    """generate/chat: the SamplingParams and the EngineConfig (kv_dtype and, for generate,
+    the speculative fields) of the options; errors before anything is loaded."""
+    from hpllm.infer.sampling import SamplingParams
 
-    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_tokens < 1:
+    s = from_options(SamplingParams, args)
+    if s.temperature < 0 or s.top_k < 0 or not 0 < s.top_p <= 1 or s.max_tokens < 1:
         raise ConfigError("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1 and "
                           "--max-tokens >= 1")
-    return Sampling(args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                    None if args.kv_cache == "float" else args.kv_cache)
+    return s, from_options(EngineConfig, args).validate()
 
 
 def _stream(pieces, stats) -> None:
@@ -133,19 +276,20 @@ def cmd_pull(args, extra) -> int:
 def cmd_generate(args, extra) -> int:
     from hpllm.infer.text import Stats, complete
 
-    sampling = _sampling(args)
+    sampling, spec = _sampling(args)
     if not args.prompt:
         raise ConfigError("--prompt is empty")
     model = _load(args)
     stats = Stats()
-    if args.speculative:  # hpllm.infer.speculative: same output distribution, fewer passes
-        from hpllm.infer.drafts import make_draft, stream_speculative_text
+    if spec.speculative:  # hpllm.infer.speculative: same output distribution, fewer passes
+        from hpllm.infer.speculative.single_stream import make_draft, stream_speculative_text
 
-        make_draft(args.speculative, model, args.draft_layers)  # bad draft: error before output
-        pieces = stream_speculative_text(model, args.prompt, sampling, args.speculative,
-                                         args.gamma, args.draft_layers, stats=stats)
+        draft = make_draft(spec.speculative, model, spec.draft_layers)  # errors before output
+        pieces = stream_speculative_text(model, args.prompt, sampling, draft,
+                                         spec.num_speculative_tokens, spec.speculative_adaptive,
+                                         stats=stats)
     else:
-        pieces = complete(model, args.prompt, sampling, stats)
+        pieces = complete(model, args.prompt, sampling, stats, spec.kv_dtype)
     print(args.prompt, end="", flush=True)
     _stream(pieces, stats)
     return 0
@@ -161,9 +305,9 @@ def cmd_distill(args, extra) -> int:
 def cmd_chat(args, extra) -> int:
     from hpllm.infer.text import ChatSession, Stats
 
-    sampling = _sampling(args)
+    sampling, engine = _sampling(args)
     model = _load(args)
-    session = ChatSession(model, sampling)
+    session = ChatSession(model, sampling, kv_dtype=engine.kv_dtype)
     if args.system:
         session.messages.append({"role": "system", "content": args.system})
     interactive = sys.stdin.isatty()
@@ -180,7 +324,8 @@ def cmd_chat(args, extra) -> int:
 
 
 def cmd_eval_ppl(args, extra) -> int:
-    from hpllm.infer.perplexity import evaluate_texts, shakespeare_validation_texts
+    from hpllm.infer.perplexity import evaluate_texts
+    from hpllm.train.data import shakespeare_validation_texts
 
     model = _load(args)
     result = evaluate_texts(model, shakespeare_validation_texts(), args.tokens, args.window,
@@ -193,7 +338,8 @@ def cmd_eval_ppl(args, extra) -> int:
 
 
 def cmd_quantize(args, extra) -> int:
-    from hpllm.compress.quantize import param_bytes, save_quantized
+    from hpllm.checkpoints.quantized_checkpoint import save_quantized
+    from hpllm.compress.quantize import param_bytes
 
     model = _load(args)
     save_quantized(args.out, model.config, model.params, model.tokenizer, args.quant,
@@ -204,7 +350,7 @@ def cmd_quantize(args, extra) -> int:
 
 
 def _quant_args(p, required: bool = False) -> None:
-    from hpllm.compress.quantize import DEFAULT_GROUP_SIZE, DEFAULT_THRESHOLD, SCHEMES
+    from hpllm.quantized import DEFAULT_GROUP_SIZE, DEFAULT_THRESHOLD, SCHEMES
 
     p.add_argument("--quant", choices=SCHEMES, required=required, default=None if required
                    else "", help="quantize the weights on load (default: as stored)")
@@ -213,6 +359,16 @@ def _quant_args(p, required: bool = False) -> None:
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help="llm.int8: activation magnitude above which a feature is an outlier")
 
+
+USAGE_OPTIONS = "options also take --key=value and --key-with-dashes value spellings"
+# generate/chat: the SamplingParams fields the single stream applies, with their own defaults
+SAMPLING_DEFAULTS = {
+    "generate": dict(max_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=0),
+    "chat": dict(max_tokens=256, temperature=0.7, top_k=0, top_p=0.9, seed=0)}
+SAMPLING_HELP = {"max_tokens": "tokens to generate at most", "top_p": "nucleus sampling: keep "
+                 "the most likely tokens up to this probability", "seed": "of the draws"}
+SPECULATIVE_OPTIONS = ("speculative", "num_speculative_tokens", "speculative_adaptive",
+                       "draft_layers")
 
 MODEL_COMMANDS = ("pull", "generate", "chat", "eval-ppl", "quantize", "serve", "bench",
                   "distill")
@@ -224,30 +380,22 @@ def _model_parsers(sub) -> None:
     p = sub.add_parser("pull", help="download a registry model into the cache")
     p.add_argument("model", help="registry name, e.g. smollm2-135m")
     p.set_defaults(fn=cmd_pull)
+    from hpllm.infer.sampling import SamplingParams  # the sampling options (start-up time)
+
     for name, fn, text in [("generate", cmd_generate, "stream a continuation of --prompt"),
                            ("chat", cmd_chat, "multi-turn chat, one user message per stdin line")]:
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, help=text, epilog=USAGE_OPTIONS)
         p.add_argument("model", help=model_help)
         if name == "generate":
             p.add_argument("--prompt", required=True)
-            p.add_argument("--speculative", choices=("draft", "self", "ngram"), default="",
-                           help="speculative decoding with a distilled draft (`hpllm distill`), "
-                                "the model's own first layers, or prompt n-gram lookup")
-            p.add_argument("--gamma", type=int, default=4, help="draft tokens per target pass "
-                           "(initial; adapted to the acceptance)")
-            p.add_argument("--draft-layers", type=int, default=0,
-                           help="--speculative self: layers in the draft (0 = a third)")
         else:
             p.add_argument("--system", default="", help="system message (default: the "
                                                         "template's own)")
-        p.add_argument("--max-tokens", type=int, default=128 if name == "generate" else 256)
-        p.add_argument("--temperature", type=float, default=0.0 if name == "generate" else 0.7,
-                       help="0 = greedy")
-        p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
-        p.add_argument("--top-p", type=float, default=1.0 if name == "generate" else 0.9)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--kv-cache", choices=("float", "int8"), default="float",
-                       help="KV cache precision (int8: per-token-per-head scales)")
+        defaults = SAMPLING_DEFAULTS[name]
+        add_options(p, SamplingParams, defaults, only=tuple(defaults), helps=SAMPLING_HELP)
+        add_options(p, EngineConfig, only=("kv_dtype", *(SPECULATIVE_OPTIONS if name ==
+                                                         "generate" else ())),
+                    aliases={"kv_dtype": ("--kv-cache",), "num_speculative_tokens": ("--gamma",)})
         _quant_args(p)
         p.set_defaults(fn=fn)
     p = sub.add_parser("distill", help="train a small draft model for --speculative draft "
@@ -273,26 +421,12 @@ def _model_parsers(sub) -> None:
 
 
 def cmd_serve(args, extra) -> int:
-    from hpllm.infer.engine import EngineConfig
-    from hpllm.serve.api import serve
+    engine = from_options(EngineConfig, args).validate()
+    server = from_options(ServerConfig, args).validate()
+    from hpllm.serve.api import serve  # FastAPI and the engine: only once the flags are good
 
-    ec = EngineConfig(block_size=args.block_size, kv_memory_mb=args.kv_memory,
-                      max_num_seqs=args.max_num_seqs,
-                      max_num_batched_tokens=args.max_num_batched_tokens,
-                      max_model_len=args.max_model_len, dtype=args.dtype,
-                      kv_dtype=args.kv_dtype, enable_prefix_caching=not args.no_prefix_caching,
-                      speculative=args.speculative,
-                      num_speculative_tokens=args.num_speculative_tokens,
-                      draft_layers=args.draft_layers)
-    try:
-        ec.validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if not 0 < args.port < 65536 or args.max_pending < 1 or args.drain_timeout < 0:
-        raise ConfigError("need 0 < --port < 65536, --max-pending >= 1, --drain-timeout >= 0")
-    return serve(args.model, args.host, args.port, ec, args.served_model_name,
-                 args.max_pending, args.drain_timeout, quant=args.quant,
-                 group_size=args.group_size, threshold=args.threshold)
+    return serve(args.model, engine_config=engine, **dataclasses.asdict(server),
+                 quant=args.quant, group_size=args.group_size, threshold=args.threshold)
 
 
 def cmd_bench_serve(args, extra) -> int:
@@ -330,34 +464,14 @@ def cmd_bench_serve(args, extra) -> int:
 
 def _serve_parsers(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, "
-                                     "streaming, /metrics)")
+                                     "streaming, /metrics)", epilog=USAGE_OPTIONS)
     p.add_argument("model", help="registry name (smollm2-135m), a .gguf file or a Hugging Face "
                                  "directory")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default="", help="the model id clients use "
-                                                           "(default: MODEL as given)")
-    p.add_argument("--max-num-seqs", type=int, default=32, help="running sequences per step")
-    p.add_argument("--max-num-batched-tokens", type=int, default=256,
-                   help="tokens per engine step (decodes + prefill chunks)")
-    p.add_argument("--kv-memory", type=float, default=256.0, help="KV cache pool size, MiB")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--max-model-len", type=int, default=0, help="0 = the model's context")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--kv-dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--speculative", choices=("ngram", "self", "draft"), default="",
-                   help="speculative decoding for the running batch: prompt-lookup drafts, "
-                        "the model's first layers, or the `hpllm distill` draft (same outputs "
-                        "in distribution)")
-    p.add_argument("--num-speculative-tokens", type=int, default=4,
-                   help="--speculative: draft tokens per sequence and step (adapts from here)")
-    p.add_argument("--draft-layers", type=int, default=0,
-                   help="--speculative self: layers in the draft (0 = a third)")
-    p.add_argument("--max-pending", type=int, default=256,
-                   help="requests held at once (queued + running); more get HTTP 503")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds running requests get to finish after SIGTERM/SIGINT")
+    add_options(p, ServerConfig)
+    add_options(p, EngineConfig, aliases={"kv_memory_mb": ("--kv-memory",)})
+    p.add_argument("--no-prefix-caching", dest=option_dest(EngineConfig, "enable_prefix_caching"),
+                   action="store_const", const="false", default=argparse.SUPPRESS,
+                   help="the same as --enable_prefix_caching=false")
     _quant_args(p)
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("bench", help="benchmarks; `hpllm bench serve` loads a running server")
@@ -421,13 +535,19 @@ def main(argv: list[str] | None = None) -> int:
         if name == "hw":
             p.add_argument("--refresh", action="store_true",
                            help="measure again (do it on an idle machine) instead of the cache")
+            p.add_argument("--force", action="store_true",
+                           help="measure again and cache it even on a busy machine")
+            p.add_argument("--json", default="", help="write the figures (bytes/s, FLOP/s, "
+                                                      "load average) here")
         p.set_defaults(fn=fn)
     p = sub.add_parser("roofline", help="predict a workload's step time from the roofline "
                                         "(and --measure it)", epilog=USAGE_OVERRIDES)
     p.add_argument("--preset", default=DEFAULT_PRESET)
-    p.add_argument("--workload", choices=("train", "prefill", "decode", "all"),
-                   default="train")
+    p.add_argument("--workload", choices=("train", "prefill", "decode", "engine", "all"),
+                   default="train", help="engine: the paged engine's batched decode step "
+                                         "(--batch rows)")
     p.add_argument("--batch", type=int, default=0, help="default: batch_size (train), 1")
+    _quant_args(p)
     p.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (train, "
                                                            "prefill); default seq_len")
     p.add_argument("--context", type=int, default=0, help="KV length for decode; default "
@@ -440,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="", help="write the prediction (and measurement) here")
     p.add_argument("--plot", default="", help="write a roofline chart PNG here")
     p.set_defaults(fn=cmd_roofline)
+    _cost_parsers(sub)
     _model_parsers(sub)
     _serve_parsers(sub)
     p = sub.add_parser("profile", help="trace training steps; time, FLOP/s and bandwidth by "
@@ -451,7 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_profile)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command in MODEL_COMMANDS:  # the others take --key=value overrides
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        print(f"hpllm: error: unrecognized arguments: {' '.join(extra)} (see hpllm "
+              f"{args.command} --help)", file=sys.stderr)
+        return 2
     from hpllm.checkpoints import ModelError
     from hpllm.infer.generate import PromptError
     from hpllm.train.data import DataError

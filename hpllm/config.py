@@ -1,16 +1,22 @@
 """One configuration object, from the command line to every component.
 
 `Config` holds a `ModelConfig` (named as in Llama: dim, n_layers, n_heads, ...) and a
-`TrainConfig`. Presets are plain Python (below) or YAML files; `key=value` overrides are
-parsed against the dataclass field types, so `n_layers=abc` or an unknown key fails with
-one message that names it, before anything is compiled.
+`TrainConfig`; `EngineConfig` and `ServerConfig` configure inference and `hpllm serve`.
+Presets are plain Python (below) or YAML files; `key=value` overrides are parsed against the
+dataclass field types, so `n_layers=abc` or an unknown key fails with one message that names
+it, before anything is compiled. `add_options`/`from_options` make the same typed options of
+any dataclass's fields for argparse (`hpllm serve --max_num_seqs=8`).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import inspect
 import math
 import pathlib
+import re
+import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 
@@ -19,6 +25,12 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says which key and why."""
+
+
+# The names of hpllm.model.attention.IMPLEMENTATIONS (config imports nothing of hpllm; a test
+# checks the two agree).
+ATTENTION_IMPLEMENTATIONS = ("reference", "flash", "flash_decode", "pallas", "auto")
+COLLECTIVE_MATMULS = ("off", "ring")  # ModelConfig.collective_matmul
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,10 @@ class ModelConfig:
     experts_per_token: int = 2  # top-k routing
     capacity_factor: float = 1.25  # slots per expert = ceil(cf * seq_len * k / E); 0 = dropless
     router_aux_weight: float = 0.01  # load-balancing loss weight (Switch)
+    # tensor-parallel projections under a mesh that splits the sequence (tensor > 1): "off"
+    # (GSPMD's all-gather before / reduce-scatter after each matmul) or "ring" (ring
+    # collective matmuls that overlap each hop with a block's matmul; parallel/tensor_parallel.py)
+    collective_matmul: str = "off"
 
     @property
     def head_dim(self) -> int:
@@ -69,10 +85,8 @@ class ModelConfig:
             raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.pos_embedding not in ("rope", "learned"):
             raise ConfigError(f"pos_embedding must be 'rope' or 'learned', got {self.pos_embedding!r}")
-        from hpllm.model.attention import IMPLEMENTATIONS  # the one list of what exists
-
-        if self.attention not in IMPLEMENTATIONS:
-            raise ConfigError(f"attention must be one of {', '.join(IMPLEMENTATIONS)}, "
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, "
                               f"got {self.attention!r}")
         if self.attention_window < 0:
             raise ConfigError(f"attention_window must be >= 0, got {self.attention_window}")
@@ -83,6 +97,9 @@ class ModelConfig:
                               f"got {self.experts_per_token}")
         if self.capacity_factor < 0 or self.router_aux_weight < 0:
             raise ConfigError("capacity_factor (0 = dropless) and router_aux_weight must be >= 0")
+        if self.collective_matmul not in COLLECTIVE_MATMULS:
+            raise ConfigError(f"collective_matmul must be one of {', '.join(COLLECTIVE_MATMULS)}, "
+                              f"got {self.collective_matmul!r}")
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError("rope_theta, norm_eps and init_std must be positive")
 
@@ -192,6 +209,72 @@ class MeshConfig:
                 raise ConfigError(f"mesh axis {name} given twice in {text!r}")
             sizes[name] = _parse_value(f"mesh axis {name}", value.strip(), int)
         return cls(**sizes)
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")  # inference activations and matmuls
+KV_DTYPES = ("float32", "bfloat16", "int8")  # the one KV cache vocabulary (int8: codes + a
+# float32 scale per token per head); the CLI, EngineConfig and the model's caches all use it
+SPECULATIVE_PROPOSERS = ("ngram", "self", "draft")  # prompt lookup, first layers, distilled
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The paged inference engine (hpllm.infer.engine) and `hpllm serve`."""
+    block_size: int = 16  # tokens per KV block
+    kv_memory_mb: float = 256.0  # the block pool's size in MiB, unless num_blocks is given
+    num_blocks: int = 0  # blocks in the pool (0: from kv_memory_mb)
+    max_num_seqs: int = 32  # running sequences per step
+    max_num_batched_tokens: int = 256  # tokens per step (decodes + prefill chunks)
+    max_model_len: int = 0  # 0: the model's max_seq_len
+    dtype: str = "float32"  # compute: float32 or bfloat16
+    kv_dtype: str = "float32"  # float32, bfloat16 or int8
+    enable_prefix_caching: bool = True  # reuse the KV blocks of a shared prompt prefix
+    unroll_layers: bool = True  # False: scan the layers (much faster compiles, slower steps)
+    seed: int = 0  # draws the seeds of requests that give none
+    speculative: str = ""  # "", "ngram" (prompt lookup), "self" (first layers) or "draft"
+    num_speculative_tokens: int = 4  # gamma: draft tokens per sequence per step (initial)
+    speculative_adaptive: bool = True  # per-sequence gamma: +2 on full acceptance, -1 else
+    draft_layers: int = 0  # self-speculation: layers in the draft (0: a third)
+
+    def validate(self) -> "EngineConfig":
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("num_blocks", "max_model_len", "draft_layers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.kv_memory_mb > 0:
+            raise ConfigError(f"kv_memory_mb must be positive, got {self.kv_memory_mb}")
+        for name, allowed in (("dtype", COMPUTE_DTYPES), ("kv_dtype", KV_DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got "
+                                  f"{getattr(self, name)!r}")
+        if self.speculative not in ("", *SPECULATIVE_PROPOSERS):
+            raise ConfigError(f"speculative must be one of {', '.join(SPECULATIVE_PROPOSERS)} "
+                              f"(or empty), got {self.speculative!r}")
+        if self.speculative and self.num_speculative_tokens < 1:
+            raise ConfigError(f"num_speculative_tokens must be positive, got "
+                              f"{self.num_speculative_tokens}")
+        return self
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """`hpllm serve`'s HTTP side (hpllm.serve.api.serve); the engine has its own config."""
+    host: str = "127.0.0.1"  # the address to listen on
+    port: int = 8000  # the TCP port to listen on
+    served_model_name: str = ""  # the model id clients use (default: MODEL as given)
+    max_pending: int = 256  # requests held at once (queued + running); more get HTTP 503
+    drain_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM/SIGINT
+
+    def validate(self) -> "ServerConfig":
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port must be in 1..65535, got {self.port}")
+        if self.max_pending < 1:
+            raise ConfigError(f"max_pending must be positive, got {self.max_pending}")
+        if self.drain_timeout < 0:
+            raise ConfigError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -363,3 +446,64 @@ def make_config(preset: str = DEFAULT_PRESET, args: list[str] | None = None, **o
     merged = parse_overrides(args or [])
     merged.update(overrides)
     return apply_overrides(config, merged).validate()
+
+
+# -- dataclass fields as command-line options (serve, generate, chat) -------------------------
+def _field_type(hint: typing.Any) -> typing.Any:
+    """int | None -> int: the type a command-line value is parsed as."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and args else hint
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """{field: its trailing comment} from the class source: the help of its options."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return dict(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, re.MULTILINE))
+
+
+def option_dest(cls, name: str) -> str:
+    """Where `add_options` keeps field `name` of `cls` in the parsed Namespace (per class, so
+    two dataclasses' fields of one name stay apart)."""
+    return f"{cls.__name__}.{name}"
+
+
+def add_options(parser, cls, defaults: dict | None = None, only: tuple[str, ...] = (),
+                aliases: dict[str, tuple[str, ...]] | None = None,
+                helps: dict[str, str] | None = None) -> None:
+    """One option per field of dataclass `cls` (or of the fields in `only`): `--max_num_seqs=8`,
+    also spelled `--max-num-seqs 8` or an alias; a bool field alone means true. The help is
+    the field's comment (or `helps`). Values stay strings (`defaults` replacing the
+    dataclass's) until `from_options` parses them against the field types, so a bad value is
+    the same one-line ConfigError as in `train`."""
+    defaults, aliases = defaults or {}, aliases or {}
+    helps = {**_field_comments(cls), **(helps or {})}
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if only and f.name not in only:
+            continue
+        default = defaults.get(f.name, f.default)
+        typ = _field_type(hints[f.name])
+        flag = dict(dest=option_dest(cls, f.name), metavar=typ.__name__.upper(),
+                    nargs="?" if typ is bool else None, const="true" if typ is bool else None)
+        parser.add_argument(f"--{f.name}", default=None if default is None else str(default),
+                            help=f"{helps.get(f.name, '')} (default: {default!r})".lstrip(),
+                            **flag)
+        others = [a for a in dict.fromkeys([f"--{f.name.replace('_', '-')}",
+                                            *aliases.get(f.name, ())]) if a != f"--{f.name}"]
+        if others:  # the same option under other spellings, kept out of --help
+            parser.add_argument(*others, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                                **flag)
+
+
+def from_options(cls, args, **overrides):
+    """The dataclass `cls` from the options `add_options` put in `args` (a Namespace), each
+    value parsed against its field's type; `overrides` (typed values) on top."""
+    hints, given = typing.get_type_hints(cls), vars(args)
+    values = {f.name: given[option_dest(cls, f.name)] for f in fields(cls)
+              if option_dest(cls, f.name) in given}
+    values = {name: raw if raw is None else _parse_value(name, raw, _field_type(hints[name]))
+              for name, raw in values.items()}
+    return cls(**{**values, **overrides})

@@ -17,7 +17,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from hpllm.checkpoints import orbax_io
+from hpllm.checkpoints.distilled import load_distilled, save_distilled
 from hpllm.checkpoints.orbax_io import CheckpointError
+from hpllm.config import make_config
+from hpllm.model.transformer import init_params
 
 REPO = Path(__file__).resolve().parents[1]
 TMP_SUFFIX = ocp.path.atomicity.TMP_DIR_SUFFIX  # ".orbax-checkpoint-tmp"
@@ -267,3 +270,18 @@ def test_orbax_info_logs_are_quiet(tmp_path, caplog):
         orbax_io.restore(tmp_path, 1, {"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
     orbax_records = [r for r in caplog.records if "/orbax/" in r.pathname]
     assert orbax_records == [], [r.getMessage() for r in orbax_records[:3]]
+
+
+def test_distilled_draft_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("HPLLM_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="hpllm distill"):
+        load_distilled("tiny-target")
+    config = make_config("tiny", n_layers=2).model
+    params = init_params(config, jax.random.key(3))
+    record = save_distilled("tiny-target", config, params, steps=7, final_kl=0.5)
+    assert record["steps"] == 7 and record["model"] == "tiny-target"
+    got_config, got = load_distilled("tiny-target")
+    assert got_config == config
+    assert jax.tree.structure(got) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

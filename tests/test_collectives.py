@@ -1,4 +1,5 @@
-"""Ring collectives and collective matmuls vs XLA's built-ins on 2, 4 and 8 CPU devices."""
+"""Ring collectives and collective matmuls vs XLA's built-ins on 2, 4 and 8 CPU devices, and
+the model's MLP through them."""
 
 import re
 
@@ -8,7 +9,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from hpllm.config import MeshConfig
+from hpllm.model.layers import swiglu
 from hpllm.parallel import collectives as C
+from hpllm.parallel.mesh import make_mesh
+from hpllm.parallel.sharding import constrain, named_sharding, under_rules
+from hpllm.perf.hlo import collective_counts, op_sequence
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (conftest)")
 
@@ -138,17 +144,8 @@ def test_collective_matmuls_equal_the_plain_matmul(n):
 
 
 def _entry_ops(compiled_text):
-    """The scheduled entry computation as a list of 'permute' / 'dot' / 'all-gather'."""
-    entry = compiled_text[compiled_text.index("ENTRY"):]
-    ops = []
-    for line in entry.splitlines():
-        if re.search(r"= \S+ collective-permute(-start)?\(", line):
-            ops.append("permute")
-        elif re.search(r"= \S+ all-gather(-start)?\(", line):
-            ops.append("all-gather")
-        elif re.search(r"= \S+ (dot|fusion|custom-call)\(", line) and "dot_general" in line:
-            ops.append("dot")
-    return ops
+    """The scheduled entry computation as 'permute' / 'dot' / 'all-gather' / ..."""
+    return ["permute" if op == "collective-permute" else op for op in op_sequence(compiled_text)]
 
 
 def test_all_gather_matmul_hlo_interleaves_hops_and_dots():
@@ -182,24 +179,30 @@ def test_matmul_reduce_scatter_hlo_is_hops_and_block_matmuls():
     assert not re.search(r"(reduce-scatter|all-reduce)(-start)?\(", text)
 
 
-@pytest.mark.parametrize("collective_matmul", [False, True])
+@pytest.mark.parametrize("ring", [False, True])
 @pytest.mark.parametrize("n", [2, 4])
-def test_tensor_parallel_swiglu_equals_the_unsharded_mlp(n, collective_matmul):
-    from hpllm.model.layers import swiglu
-    from hpllm.parallel.tensor_parallel import sharded_swiglu
+def test_tensor_parallel_swiglu_equals_the_unsharded_mlp(n, ring):
+    """The model's MLP under sequence-parallel rules on tensor=n, with and without the ring
+    collective matmuls, against the same MLP on one device (and its gradients)."""
+    b, s, d, f = 2, 6 * n, 12, 10 * n
+    x, wg, wu, wd = (random_array(shape, jnp.float32, i) / np.sqrt(shape[0]) for i, shape in
+                     enumerate([(b, s, d), (d, f), (d, f), (f, d)]))  # entries of order 1
+    mesh = make_mesh(MeshConfig(tensor=n))
+    # the weights laid out as the training state holds them: columns / rows over tensor
+    wg, wu, wd = (jax.device_put(w, named_sharding(mesh, axes)) for w, axes in
+                  [(wg, ("embed", "mlp")), (wu, ("embed", "mlp")), (wd, ("mlp", "embed"))])
 
-    rows, d, f = 6 * n, 12, 10 * n
-    x, wg, wu, wd = (random_array(s, jnp.float32, i) for i, s in
-                     enumerate([(rows, d), (d, f), (d, f), (f, d)]))
-    mlp = sharded_swiglu(mesh_of(n), "x", collective_matmul=collective_matmul)
-    expect = swiglu(x[None], wg, wu, wd)[0]
-    np.testing.assert_allclose(np.asarray(mlp(x, wg, wu, wd)), np.asarray(expect),
-                               rtol=1e-5, atol=1e-5)
+    def mlp(x, *w):
+        x = constrain(x, ("batch", "seq", "embed"))
+        return constrain(swiglu(x, *w, ring=ring), ("batch", "seq", "embed"))
+
+    sharded = jax.jit(under_rules(mlp, mesh))
+    np.testing.assert_allclose(np.asarray(sharded(x, wg, wu, wd)),
+                               np.asarray(swiglu(x, wg, wu, wd)), rtol=1e-5, atol=1e-5)
     loss = lambda fn: jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=(0, 1, 2, 3))  # noqa
-    ours = loss(mlp)(x, wg, wu, wd)
-    ref = loss(lambda *a: swiglu(a[0][None], *a[1:])[0])(x, wg, wu, wd)
-    for g, r in zip(ours, ref):
+    for g, r in zip(jax.jit(loss(sharded))(x, wg, wu, wd), loss(swiglu)(x, wg, wu, wd)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
-    text = mlp.lower(x, wg, wu, wd).compile().as_text()
-    fused = not re.search(r"(all-gather|reduce-scatter|all-reduce)(-start)?\(", text)
-    assert fused == collective_matmul  # the switch really changes the program
+    counts = collective_counts(sharded.lower(x, wg, wu, wd).compile().as_text())
+    # the switch really changes the program: ring hops instead of XLA's collectives
+    assert (counts["collective-permute"] == 2 * (n - 1)) == ring
+    assert (counts["all-gather"] + counts["all-reduce"] + counts["reduce-scatter"] == 0) == ring

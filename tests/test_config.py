@@ -3,7 +3,9 @@ import sys
 
 import pytest
 
-from hpllm.config import Config, ConfigError, PRESETS, make_config, parse_overrides
+from hpllm.config import (ATTENTION_IMPLEMENTATIONS, PRESETS, Config, ConfigError, make_config,
+                          parse_overrides)
+from hpllm.model.attention import IMPLEMENTATIONS
 
 
 def test_presets_validate_and_differ():
@@ -88,3 +90,7 @@ def test_cli_bad_input_is_one_clear_line_and_no_compilation(args, message, tmp_p
     assert message in lines[0]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.json").exists()
+
+
+def test_attention_names_in_config_are_the_models_registry():
+    assert ATTENTION_IMPLEMENTATIONS == tuple(IMPLEMENTATIONS)

@@ -1,5 +1,5 @@
 """The CPU quantized-matmul kernels (hpllm/kernels/cpu_quant_matmul.py) against float64 NumPy
-on the dequantized weights, and the model's dispatch to them (hpllm.compress.quantize)."""
+on the dequantized weights, and the model's dispatch to them (hpllm.quantized)."""
 
 import os
 import shutil
@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hpllm import quantized as qt
 from hpllm.compress import quantize as qz
 from hpllm.config import make_config
 from hpllm.kernels import cpu_quant_matmul as cq
@@ -17,13 +18,22 @@ from hpllm.model.transformer import forward, init_params, unstack_layers
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
+def _skip_without_gpp():
     if shutil.which("g++") is None:
         pytest.skip("g++ not found: the CPU kernels cannot be built here")
+
+
+@pytest.fixture(scope="module")
+def native():
+    """The native kernels, built and registered; only the tests that call them ask for it
+    (the checks of bad input, of the XLA fallback and of the portable build run anyway)."""
+    _skip_without_gpp()
     if not cq.enabled():
-        pytest.skip(f"{cq.ENV_SWITCH}=0 disables the CPU kernels")
+        pytest.skip(f"{cq.ENV_SWITCH}=0 disables the native CPU kernels")
     assert cq.available(), "g++ is present but the kernels did not build (see the warning)"
+
+
+needs_native = pytest.mark.usefixtures("native")
 
 
 def _int8_weight(rng, n, k):
@@ -53,6 +63,7 @@ def _assert_close_to_float64(got, x, w, terms):
     assert np.all(err <= bound), f"max error / bound {float(np.max(err / bound)):.3g}"
 
 
+@needs_native
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("n", [1, 5, 130])
 @pytest.mark.parametrize("k", [1, 7, 33, 577])
@@ -65,6 +76,7 @@ def test_int8_kernel_matches_float64(m, n, k):
     _assert_close_to_float64(got, x, q.astype(np.float64) * s[:, None], k)
 
 
+@needs_native
 @pytest.mark.parametrize("group_size", [2, 6, 32, 64, 128])
 @pytest.mark.parametrize("k", [1, 7, 33, 577])
 def test_int4_kernel_matches_float64(k, group_size):
@@ -78,6 +90,7 @@ def test_int4_kernel_matches_float64(k, group_size):
             _assert_close_to_float64(got, x, dense, k + k // group_size + 2)
 
 
+@needs_native
 def test_leading_batch_dims_and_bfloat16_x():
     rng = np.random.default_rng(3)
     q, s = _int8_weight(rng, 37, 65)
@@ -101,12 +114,13 @@ def test_leading_batch_dims_and_bfloat16_x():
                       <= ulp + 1e-6)
 
 
+@needs_native
 def test_inside_jit_and_scan_over_stacked_weights():
     rng = np.random.default_rng(4)
     layers, d = 4, 48
     w = rng.standard_normal((layers, d, d)).astype(np.float32) / np.sqrt(d)
-    w8 = qz.quantize(jnp.asarray(w), "int8", (1,), trailing=2)  # (L, N, K) codes
-    w4 = qz.quantize(jnp.asarray(w), "int4", (1,), group_size=32, trailing=2)
+    w8 = qt.quantize(jnp.asarray(w), "int8", (1,), trailing=2)  # (L, N, K) codes
+    w4 = qt.quantize(jnp.asarray(w), "int4", (1,), group_size=32, trailing=2)
     x = rng.standard_normal((3, d)).astype(np.float32)
 
     def run(kind, qw):
@@ -119,13 +133,14 @@ def test_inside_jit_and_scan_over_stacked_weights():
         return jax.jit(lambda x, qw: jax.lax.scan(layer, x, qw)[0])(jnp.asarray(x), qw)
 
     for kind, qw in (("int8", w8), ("int4", w4)):
-        dense = np.asarray(qz.dequantize(qw), np.float64)  # (L, N, K)
+        dense = np.asarray(qt.dequantize(qw), np.float64)  # (L, N, K)
         want = x.astype(np.float64)
         for i in range(layers):
             want = np.tanh(want @ dense[i].T)
         np.testing.assert_allclose(np.asarray(run(kind, qw)), want, rtol=2e-5, atol=2e-6)
 
 
+@needs_native
 def test_vmap_over_x_weights_and_both():
     rng = np.random.default_rng(5)
     b, m, n, k = 3, 2, 9, 40
@@ -164,6 +179,7 @@ def test_vmap_over_x_weights_and_both():
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
 
 
+@needs_native
 def test_concurrent_calls_from_several_threads():
     """Calls big enough to split over the pool, issued at once from 4 Python threads: each
     result is right (the pool is busy with the others' chunks and tasks start late)."""
@@ -191,6 +207,7 @@ def test_concurrent_calls_from_several_threads():
     assert not errors
 
 
+@needs_native
 def test_gradients_match_the_float_reference():
     rng = np.random.default_rng(6)
     m, n, k = 3, 11, 70
@@ -235,9 +252,9 @@ def test_bad_inputs_are_refused_with_a_reason():
 def test_disabled_or_unbuildable_kernels_fall_back_to_xla(monkeypatch, tmp_path):
     monkeypatch.setenv(cq.ENV_SWITCH, "0")
     assert not cq.available()
-    w = qz.quantize(jax.random.normal(jax.random.key(0), (16, 8)), "int8", (0,))
+    w = qt.quantize(jax.random.normal(jax.random.key(0), (16, 8)), "int8", (0,))
     x = jnp.ones((1, 16))
-    hlo = jax.jit(lambda x, w: qz.project(x, w, "bd,df->bf")).lower(x, w).as_text()
+    hlo = jax.jit(lambda x, w: qt.project(x, w, "bd,df->bf")).lower(x, w).as_text()
     assert "hpllm_int8_matmul" not in hlo
     with pytest.raises(cq.KernelError, match="disabled"):
         cq.int8_matmul(x, w.q, w.scale)
@@ -256,6 +273,7 @@ def test_build_is_cached_and_atomic_and_the_scalar_fallback_is_exact(monkeypatch
     temporary left, a second build() is the same file; then its results."""
     if os.uname().machine not in ("x86_64", "AMD64"):
         pytest.skip("the portable variant targets x86-64")
+    _skip_without_gpp()
     monkeypatch.setenv("HPLLM_CACHE", str(tmp_path))
     path = cq.build(cq.PORTABLE_FLAGS)
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [path.name]
@@ -274,17 +292,18 @@ def test_build_is_cached_and_atomic_and_the_scalar_fallback_is_exact(monkeypatch
 
 # --------------------------------------------------------------- the model's dispatch
 
+@needs_native
 def test_dispatch_is_cpu_only_and_bounded_by_rows():
-    w = qz.quantize(jax.random.normal(jax.random.key(1), (32, 24)), "int4", (0,), group_size=8)
-    f = jax.jit(lambda x, w: qz.project(x, w, "bsd,df->bsf"))
+    w = qt.quantize(jax.random.normal(jax.random.key(1), (32, 24)), "int4", (0,), group_size=8)
+    f = jax.jit(lambda x, w: qt.project(x, w, "bsd,df->bsf"))
     small = jnp.ones((1, 3, 32))
     assert "hpllm_int4_matmul" in f.trace(small, w).lower(lowering_platforms=("cpu",)).as_text()
     for other in ("cuda", "tpu"):  # the same jitted code lowers to the XLA path there
         text = f.trace(small, w).lower(lowering_platforms=(other,)).as_text()
         assert "hpllm_" not in text
-    big = jnp.ones((1, qz.CPU_KERNEL_MAX_ROWS + 1, 32))  # prefill-sized: XLA's GEMM
+    big = jnp.ones((1, qt.CPU_KERNEL_MAX_ROWS + 1, 32))  # prefill-sized: XLA's GEMM
     assert "hpllm_" not in f.lower(big, w).as_text()
-    np.testing.assert_allclose(np.asarray(f(small, w)), np.asarray(qz._xla_matmul_nk(small, w)),
+    np.testing.assert_allclose(np.asarray(f(small, w)), np.asarray(qt._xla_matmul_nk(small, w)),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -304,6 +323,7 @@ def model(request):
     return config, params
 
 
+@needs_native
 @pytest.mark.parametrize("scheme", ["int8", "int8-zp", "int4"])
 def test_quantized_model_logits_equal_the_xla_path(model, scheme, monkeypatch):
     config, params = model

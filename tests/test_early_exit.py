@@ -9,7 +9,8 @@ from hpllm.config import make_config
 from hpllm.infer.early_exit import (EarlyExitDecoder, EarlyExitError, _fill_kv, _segment,
                                     early_exit_generate)
 from hpllm.infer.generate import generate
-from hpllm.model.transformer import init_cache, init_params, unstack_layers
+from hpllm.model.kv_cache import DenseKVCache
+from hpllm.model.transformer import init_params, unstack_layers
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +70,12 @@ def test_fill_kv_matches_the_layers_own_keys_and_values(model):
     h = jax.random.normal(jax.random.key(1), (1, 3, config.dim))
     positions = jnp.asarray([[4, 5, 6]])
     ids = jnp.zeros((1, 3), jnp.int32)
-    _, want = _segment(seg, ids, h, positions, init_cache(one, 1, 8), one, False)
-    got = _fill_kv(seg["layers"], h, positions, init_cache(one, 1, 8), one)
+    _, want = _segment(seg, ids, h, positions, DenseKVCache.create(one, 1, 8), one, False)
+    got = _fill_kv(seg["layers"], h, positions, DenseKVCache.create(one, 1, 8), one)
     for name in ("k", "v"):
-        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=1e-5,
-                                   atol=1e-5)
-        assert np.abs(np.asarray(got[name][0, 0, 4:7])).max() > 0
+        got_kv, want_kv = np.asarray(getattr(got, name)), np.asarray(getattr(want, name))
+        np.testing.assert_allclose(got_kv, want_kv, rtol=1e-5, atol=1e-5)
+        assert np.abs(got_kv[0, 0, 4:7]).max() > 0
 
 
 def test_bad_exit_layers_raise(model):

@@ -1,18 +1,24 @@
 """The paged, continuously batched engine against single-sequence greedy decoding."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hpllm.config import ModelConfig
-from hpllm.infer.engine import LLM, EngineConfig, EngineCore
+from hpllm.config import EngineConfig, ModelConfig
+from hpllm.infer.engine import EngineCore
 from hpllm.infer.generate import PromptError, generate
+from hpllm.infer.llm import LLM
 from hpllm.infer.sampling import SamplingError, SamplingParams
 from hpllm.model.transformer import forward, init_params
 
 CFG = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
                   init_std=0.2)
+
+
+REFERENCE_CFG = dataclasses.replace(CFG, attention="reference")
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +29,7 @@ def params():
 @jax.jit
 def _last_logits(params, tokens, length):
     positions = jnp.arange(tokens.shape[1])[None]
-    logits, _ = forward(params, tokens, positions, CFG, attn_impl="reference")
+    logits, _ = forward(params, tokens, positions, REFERENCE_CFG)
     return logits[0, length - 1]
 
 
@@ -188,17 +194,18 @@ def test_smollm2_engine_greedy_matches_generate_and_stops_on_strings(smollm_llm)
 
 
 def test_int8_kv_cache_engine_equals_dense_int8_decoding(params):
-    """int8 KV blocks (per-token-per-head scales, hpllm.compress.quantize.quantize_kv) give
+    """int8 KV blocks (per-token-per-head scales, hpllm.quantized.quantize_kv) give
     the tokens of the dense int8 cache of `generate` (the quality of int8 against float32 is
     tested on SmolLM2 in tests/test_quantize.py), and the same memory holds ~3.8x the tokens
     of float32 (1.9x bfloat16)."""
-    from hpllm.infer.engine import kv_bytes_per_token, num_blocks_for
+    from hpllm.infer.paged_model import num_blocks_for
+    from hpllm.model.kv_cache import kv_bytes_per_token
 
     prompts = _prompts(9, 4)
     engine = EngineCore(params, CFG, None, EngineConfig(block_size=4, num_blocks=100,
                                                         kv_dtype="int8",
                                                         max_num_batched_tokens=16))
-    assert all(a.dtype == jnp.int8 for a in engine.model.pool["k"])  # one array per layer
+    assert all(a.dtype == jnp.int8 for a in engine.model.pool.k)  # one array per layer
     outs = _run(engine, prompts, [SamplingParams(temperature=0, max_tokens=12)] * len(prompts))
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == list(generate(params, CFG, prompt, 12,

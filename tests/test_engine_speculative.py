@@ -1,4 +1,4 @@
-"""Speculative decoding inside the paged, continuously batched engine (hpllm.infer.spec_decode):
+"""Speculative decoding inside the paged, continuously batched engine (hpllm.infer.speculative):
 greedy output equals plain greedy decoding, sampled output is distributed as the target's,
 and the block pool, preemption, forks and stop conditions still hold."""
 
@@ -11,8 +11,8 @@ import pytest
 from test_engine import CFG, _last_logits, _prompts, _run, greedy_reference
 from test_speculative import _exact_sequence_probs, chi_square_p, six_token_model
 
-from hpllm.config import ConfigError, ModelConfig
-from hpllm.infer.engine import EngineConfig, EngineCore
+from hpllm.config import ConfigError, EngineConfig, ModelConfig
+from hpllm.infer.engine import EngineCore
 from hpllm.infer.sampling import SamplingParams
 from hpllm.model.transformer import init_params
 
@@ -46,8 +46,10 @@ def assert_greedy_equal(params, prompt, got, want):
 
 @pytest.mark.parametrize("name,engine_config", [
     ("ngram", EngineConfig(**POOL, speculative="ngram")),
-    ("ngram fixed gamma 2", EngineConfig(**POOL, speculative="ngram", num_speculative_tokens=2,
-                                         speculative_adaptive=False)),
+    pytest.param("ngram fixed gamma 2", EngineConfig(**POOL, speculative="ngram",
+                                                     num_speculative_tokens=2,
+                                                     speculative_adaptive=False),
+                 marks=pytest.mark.slow),  # the default set keeps adaptive n-gram and self
     ("self", EngineConfig(**POOL, speculative="self", draft_layers=1, num_speculative_tokens=3)),
     pytest.param("ngram preemption", EngineConfig(**SMALL_POOL, speculative="ngram"),
                  marks=pytest.mark.slow),
@@ -201,8 +203,8 @@ def test_bad_speculative_configs_raise_clear_errors(params):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["ngram", "self"])
 def test_smollm2_speculative_engine_equals_generate(method):
-    from hpllm.infer.engine import LLM
     from hpllm.infer.generate import generate
+    from hpllm.infer.llm import LLM
 
     llm = LLM("smollm2-135m", block_size=16, kv_memory_mb=64, max_num_batched_tokens=64,
               speculative=method, draft_layers=10)

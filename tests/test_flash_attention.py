@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from hpllm.kernels.flash_attention import flash_attention
+from hpllm.kernels.masking import reference_attention
 from hpllm.kernels.pallas_attention import pallas_attention
-from hpllm.model.attention import attention, reference_attention
+from hpllm.model.attention import attention
+from numerics import family_rel_errs, rel_err
 
 
 def packed_inputs(rng, batch, length, segments):
@@ -24,11 +26,6 @@ def packed_inputs(rng, batch, length, segments):
             pos[b, start:end] = np.arange(end - start)
             start = end
     return jnp.asarray(pos), jnp.asarray(seg)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
 
 
 CASES = [  # batch, seq, heads, kv_heads, head_dim, segments, window, block
@@ -68,8 +65,14 @@ def test_blockwise_matches_reference_values_and_gradients(impl, case, dtype, tol
     ref_out, ref_grads = run(reference_attention)
     assert out.dtype == dtype
     assert rel_err(out, ref_out) < tol
-    for g, r in zip(grads, ref_grads):
-        assert g.dtype == dtype and rel_err(g, r) < tol
+    assert [g.dtype for g in grads] == [dtype] * 3
+    # Against the family's scale where a gradient vanishes: the single token's softmax is
+    # constant, so its reference dq and dk are exactly 0, while the kernels form dS from
+    # dP - delta with delta = rowsum(dO * O) (as FlashAttention-2 does, to stay one pass),
+    # which cancels only to rounding (~1e-8 of the gradients' scale, summation-order
+    # dependent).
+    errs = family_rel_errs(grads, ref_grads)
+    assert max(errs) < tol, errs
 
 
 @pytest.mark.parametrize("n_new", [1, 3])
@@ -163,8 +166,8 @@ def test_flash_decoding_matches_reference(n_new, t, splits, window, dtype, tol):
     cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     grads = [jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cotangent),
                       argnums=(0, 1, 2))(q, k, v) for fn in (decode, ref)]
-    for g, r in zip(*grads):
-        assert rel_err(g, r) < tol
+    errs = family_rel_errs(*grads)
+    assert max(errs) < tol, errs
 
 
 def test_auto_picks_by_lengths_and_matches_the_reference():

@@ -1,31 +1,113 @@
 """Measured machine figures (`hpllm hw`) and the chip table lookup."""
 
+import functools
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 
 import jax
+import pytest
 
+from hpllm.kernels import cpu_quant_matmul
 from hpllm.perf import hardware
+from known_hardware import write_known_figures
 
 
 def test_bandwidth_measurements_are_positive_and_plausible():
-    read = hardware.measure_read_bandwidth(nbytes=64 * 2**20, repeats=2)
-    assert 1e8 < read < 1e13  # between 0.1 GB/s and 10 TB/s
+    compiled = shutil.which("g++") is not None
+    assert hardware.probe_method() == ("c++" if compiled else "numpy")
+    for method in ("c++", "numpy") if compiled else ("numpy",):  # and the portable fallback
+        read = hardware.measure_read_bandwidth(nbytes=64 * 2**20, repeats=2, method=method)
+        copy = hardware.measure_copy_bandwidth(nbytes=32 * 2**20, repeats=2, method=method)
+        assert 1e8 < read < 1e13 and 1e8 < copy < 1e13  # between 0.1 GB/s and 10 TB/s
+    one = hardware.measure_read_bandwidth(nbytes=64 * 2**20, repeats=2, threads=1)
+    assert 1e8 < one < 1e13
+    with pytest.raises(ValueError, match="probe method"):
+        hardware.measure_read_bandwidth(method="fortran")
     gather = hardware.measure_all_gather_bandwidth(nbytes=8 * 2**20, repeats=2)
     assert len(jax.local_devices()) == 8  # tests run with 8 simulated CPU devices
     assert gather is not None and math.isfinite(gather) and gather > 1e6
 
 
-def test_measured_cpu_is_cached_per_machine(tmp_path, monkeypatch):
+def test_measured_cpu_is_cached_per_machine_with_its_load(tmp_path, monkeypatch):
     monkeypatch.setenv("HPLLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(hardware, "load_average", lambda: (0.25, 0.5, 0.75))  # idle
+    monkeypatch.setattr(hardware, "_UNCACHED", {})  # not what an earlier test measured busy
+    for name, sizes in {"measure_matmul_flops": {"n": 256, "repeats": 2},  # small: quick
+                        "measure_read_bandwidth": {"nbytes": 64 * 2**20, "repeats": 2},
+                        "measure_copy_bandwidth": {"nbytes": 32 * 2**20, "repeats": 2},
+                        "measure_matvec": {"nbytes": 16 * 2**20, "repeats": 2},
+                        "measure_batched_flops": {"rows": (2, 8), "nbytes": 16 * 2**20},
+                        "measure_dispatch_overhead": {"ops": 16, "repeats": 2},
+                        "measure_all_gather_bandwidth": {"nbytes": 8 * 2**20, "repeats": 2}
+                        }.items():
+        monkeypatch.setattr(hardware, name, functools.partial(getattr(hardware, name), **sizes))
     chip = hardware.measured_cpu()
     entry = next(iter(json.loads((tmp_path / "hardware.json").read_text()).values()))
-    assert {"float32", "bfloat16", "read_bandwidth", "copy_bandwidth",
-            "all_gather_bandwidth_8dev"} <= set(entry)
+    assert {"read_bandwidth", "copy_bandwidth", "all_gather_bandwidth_8dev", "measured_at",
+            *hardware.MATMUL_DTYPES} <= set(entry)
+    assert entry["load_average"] == [0.25, 0.5, 0.75] and entry["busy"] is False
+    assert entry["cores"] == hardware.cores()
+    assert entry["probe"] == f"{hardware.probe_method()}, {hardware.cores()} threads"
     assert chip.hbm_bandwidth == entry["read_bandwidth"] and chip.peak("float32") > 1e9
+    assert chip.peak("int8") == entry["int8"] and "at load 0.25" in chip.source
     assert chip.axis_bandwidth == entry["all_gather_bandwidth_8dev"] > 0
+    assert chip.matvec_bandwidth == entry["matvec_bandwidth"] > 0
+    assert chip.int8_matvec_bandwidth == entry["int8_matvec_bandwidth"]
+    assert chip.matvec_dot_s == entry["matvec_dot_s"] >= 0
+    assert set(chip.batched_flops["float32"]) == {"2", "8"}
     again = hardware.measured_cpu()  # from the cache: the same figures, not a new measurement
     assert again == chip
+
+
+def test_busy_machine_is_measured_but_not_cached_unless_forced(tmp_path, monkeypatch):
+    monkeypatch.setenv("HPLLM_CACHE", str(tmp_path))
+    path = tmp_path / "hardware.json"
+    fingerprint = hardware._cpu_fingerprint()
+    # An entry of the old single-thread probe (no load recorded) is measured again.
+    path.write_text(json.dumps({fingerprint: {"float32": 1.0, "read_bandwidth": 2e10}}))
+    calls = []
+
+    def fake_measure(n_devices, method="auto"):
+        calls.append(n_devices)
+        load = 1.9 * hardware.cores()
+        return {"read_bandwidth": 3e10 + len(calls), "load_average": [load, load, load],
+                "busy": hardware.is_busy(load, hardware.cores()), "cores": hardware.cores(),
+                "probe_version": hardware.PROBE_VERSION,
+                "all_gather_bandwidth_8dev": 1e9}
+
+    monkeypatch.setattr(hardware, "measure_cpu", fake_measure)
+    monkeypatch.setattr(hardware, "_UNCACHED", {})
+    lines = []
+    busy = hardware.cpu_figures(log=lines.append)
+    assert busy["cached"] is False and busy["read_bandwidth"] == 3e10 + 1
+    assert len(lines) == 1 and "not caching" in lines[0] and "--force" in lines[0]
+    assert json.loads(path.read_text())[fingerprint]["read_bandwidth"] == 2e10  # untouched
+    assert hardware.cpu_figures(log=lines.append)["read_bandwidth"] == 3e10 + 1
+    assert len(calls) == 1  # the same process reuses its uncached measurement
+    forced = hardware.cpu_figures(force=True, log=lines.append)
+    assert forced["cached"] is True and len(calls) == 2
+    assert json.loads(path.read_text())[fingerprint]["read_bandwidth"] == 3e10 + 2
+    assert hardware.cpu_figures()["read_bandwidth"] == 3e10 + 2 and len(calls) == 2
+    assert hardware.is_busy(1.01, 2) and not hardware.is_busy(1.0, 2)
+
+
+def test_dot_chains_at_one_and_several_rows():
+    """The XLA mat-vec chain and the int8 kernel's: weight bytes/s at one row, FLOP/s at a
+    few (a batched decode step's matmul rate), all between 0.1 GB/s (or GFLOP/s) and 10 T."""
+    rate, per_dot = hardware.measure_matvec(nbytes=16 * 2**20, repeats=2)
+    assert 1e8 < rate < 1e13 and 0 <= per_dot < 1e-2
+    rates = hardware.measure_batched_flops(rows=(2, 8), nbytes=16 * 2**20)
+    assert set(rates) == {"2", "8"} and all(1e8 < r < 1e13 for r in rates.values())
+    int8, int8_dot = hardware.measure_matvec(nbytes=16 * 2**20, repeats=2, int8=True)
+    int8_rates = hardware.measure_batched_flops(int8=True, rows=(8,), nbytes=16 * 2**20)
+    if cpu_quant_matmul.available():
+        assert 1e8 < int8 < 1e13 and 1e8 < int8_rates["8"] < 1e13 and 0 <= int8_dot < 1e-2
+    else:
+        assert int8 == int8_dot == 0 and int8_rates == {}
 
 
 def test_table_lookup_by_device_kind():
@@ -36,3 +118,21 @@ def test_table_lookup_by_device_kind():
     for chip in hardware.CHIPS.values():  # every accelerator entry is complete
         assert chip.peak("bfloat16") > 1e14 and chip.hbm_bandwidth > 5e11
         assert chip.axis_bandwidth >= chip.link_bandwidth and chip.ici_bandwidth > 0
+        assert chip.tdp_watts == 0 or 100 <= chip.tdp_watts <= 1500  # 0: not published
+    assert hardware.CHIPS["a100"].tdp_watts == 400  # the course table's A100-80GB power
+    assert hardware.lookup("NVIDIA A10G").hbm_bandwidth == 600e9
+
+
+def test_cli_hw_json_from_the_cache(tmp_path):
+    write_known_figures(tmp_path, 1, read_bandwidth=6.7e10, load_average=[0.1, 0.2, 0.3])
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
+    out = subprocess.run([sys.executable, "-m", "hpllm.cli", "hw", "--json",
+                          str(tmp_path / "hw.json")], capture_output=True, text=True,
+                         timeout=120, env=dict(env, HPLLM_CACHE=str(tmp_path)))
+    assert out.returncode == 0, out.stderr
+    assert "at load 0.10/0.20/0.30" in out.stdout and "read 67.0 GB/s" in out.stdout
+    data = json.loads((tmp_path / "hw.json").read_text())
+    assert data["read_bandwidth"] == 6.7e10 and data["copy_bandwidth"] == 5e10
+    assert data["peak_flops"] == {"float32": 4e11, "bfloat16": 3e11, "float16": 3e11,
+                                  "int8": 7e11}
+    assert data["cached"] is True and data["load_average"] == [0.1, 0.2, 0.3]

@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 from hpllm.checkpoints.registry import load_model
-from hpllm.infer.perplexity import shakespeare_validation_texts
+from hpllm.train.data import shakespeare_validation_texts
 
 pytestmark = pytest.mark.slow
 

@@ -38,8 +38,10 @@ import numpy as np
 import pytest
 
 from hpllm.config import ModelConfig
-from hpllm.model.transformer import (count_params, forward, init_cache, init_params,
-                                     param_axes, param_shapes)
+from hpllm.model.kv_cache import DenseKVCache
+from hpllm.model.transformer import count_params, forward, init_params, param_axes, param_shapes
+from hpllm.train.step import training_logits
+from numerics import rel_err
 
 _spec = importlib.util.spec_from_file_location(
     "hpllm_tests_reference_model", pathlib.Path(__file__).with_name("reference_model.py"))
@@ -50,7 +52,13 @@ F32_TOL = 1e-5
 BF16_MAX_TOL = 0.2
 BF16_MEAN_TOL = 1.5e-2
 
-_fwd = jax.jit(forward, static_argnames=("config", "dtype", "remat", "attn_impl"))
+_fwd = jax.jit(forward, static_argnames=("config", "dtype"))
+
+
+def remat_logits(params, tokens, positions, cfg, segment_ids, remat="none", dtype=jnp.float32):
+    """The model in training form, with per-layer remat."""
+    return training_logits(params, tokens, positions, cfg, segment_ids=segment_ids, dtype=dtype,
+                           remat=remat)[0]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -104,16 +112,9 @@ def packed_batch(rng, cfg: ModelConfig, batch: int, seq: int, segments: bool = T
             jnp.asarray(seg, jnp.int32))
 
 
-def rel_err(a, b) -> float:
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
 def jax_loss(params, tokens, positions, segment_ids, targets, mask, cfg, remat="none",
              dtype=jnp.float32):
-    logits, _ = forward(params, tokens, positions, cfg, segment_ids=segment_ids, dtype=dtype,
-                        remat=remat)
+    logits = remat_logits(params, tokens, positions, cfg, segment_ids, remat, dtype)
     lsm = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(lsm, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(nll * mask) / jnp.sum(mask)
@@ -260,7 +261,7 @@ def _remat_policies(jaxpr) -> list:
 
 
 def _loss_with_logits(params, tokens, positions, segment_ids, targets, mask, cfg, remat):
-    logits, _ = forward(params, tokens, positions, cfg, segment_ids=segment_ids, remat=remat)
+    logits = remat_logits(params, tokens, positions, cfg, segment_ids, remat)
     lsm = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(lsm, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(nll * mask) / jnp.sum(mask), logits
@@ -288,8 +289,8 @@ def test_remat_same_logits_and_gradients(remat):
     expected_policy = {"full": jax.checkpoint_policies.nothing_saveable,
                        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
     for mode in ("none", remat):
-        jaxpr = jax.make_jaxpr(lambda p: forward(p, tokens, positions, cfg, segment_ids=seg,
-                                                 remat=mode))(params)
+        jaxpr = jax.make_jaxpr(lambda p: remat_logits(p, tokens, positions, cfg, seg,
+                                                      mode))(params)
         found = _remat_policies(jaxpr.jaxpr)
         if mode == "none":
             assert found == []
@@ -331,8 +332,8 @@ def test_kv_cache_prefill_then_decode(pos_embedding, n_kv_heads, chunk):
     expected = ref.forward(ref.to_numpy64(params), tokens, positions, cfg)
     assert rel_err(full, expected) < F32_TOL
 
-    cache = init_cache(cfg, batch, cache_len)
-    assert cache["k"].shape == (cfg.n_layers, batch, cache_len, n_kv_heads, cfg.head_dim)
+    cache = DenseKVCache.create(cfg, batch, cache_len)
+    assert cache.k.shape == (cfg.n_layers, batch, cache_len, n_kv_heads, cfg.head_dim)
     got = []
     logits, cache = _fwd(params, tokens[:, :prompt], positions[:, :prompt], cfg, cache=cache)
     got.append(logits)
@@ -347,7 +348,7 @@ def test_kv_cache_prefill_then_decode(pos_embedding, n_kv_heads, chunk):
     assert err < F32_TOL, f"cached decode vs full forward: relative error {err:.3e}"
     assert rel_err(got, expected) < F32_TOL
     # slots past the text were never written
-    assert float(jnp.max(jnp.abs(cache["k"][:, :, total:]))) == 0.0
+    assert float(jnp.max(jnp.abs(cache.k[:, :, total:]))) == 0.0
 
 
 def test_kv_cache_rows_at_different_positions():
@@ -372,7 +373,7 @@ def test_kv_cache_rows_at_different_positions():
     pre_tokens = seqs[:, :width].copy()
     pre_tokens[1, prompt_lens[1]:] = rng.integers(0, cfg.vocab_size, width - prompt_lens[1])
     pre_pos = np.tile(np.arange(width), (2, 1))
-    cache = init_cache(cfg, 2, cache_len)
+    cache = DenseKVCache.create(cfg, 2, cache_len)
     logits, cache = _fwd(params, jnp.asarray(pre_tokens, jnp.int32),
                          jnp.asarray(pre_pos, jnp.int32), cfg, cache=cache)
     logits = np.asarray(logits)
@@ -419,11 +420,12 @@ def _float64_loss_and_grad(monkeypatch, params, *args, cfg):
     """jax.value_and_grad of the loss with float64 parameters, float64 compute, and the
     model's float32 constants widened to float64 (see _Float64Numpy), under jax_enable_x64
     for this call only. Asserts that the result really is float64 end to end."""
+    import hpllm.kernels.masking as masking_mod
     import hpllm.model.attention as attention_mod
     import hpllm.model.layers as layers_mod
     import hpllm.model.transformer as transformer_mod
     with monkeypatch.context() as mp, jax.enable_x64(True):
-        for mod in (attention_mod, layers_mod, transformer_mod):
+        for mod in (attention_mod, layers_mod, masking_mod, transformer_mod):
             mp.setattr(mod, "jnp", _Float64Numpy())
         p64 = jax.tree.map(lambda x: jnp.asarray(np.asarray(x), jnp.float64), params)
         args = [jnp.asarray(np.asarray(a)) for a in args]

@@ -138,16 +138,17 @@ def test_load_balancing_loss_matches_formula_and_is_one_when_balanced():
 
 
 def test_moe_model_cached_decoding_equals_full_forward():
-    from hpllm.model.transformer import init_cache
+    from hpllm.model.kv_cache import DenseKVCache
+    from hpllm.model.transformer import decoder_stack, embed
 
     config = dataclasses.replace(moe_config(e=4, k=2, cf=0.0), n_layers=2)
     params = init_params(config, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, config.vocab_size)
     pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
-    full, _, stats = jax.jit(functools.partial(forward, config=config, moe_stats=True))(
-        params, tokens, pos)
+    full, _ = jax.jit(functools.partial(forward, config=config))(params, tokens, pos)
+    _, _, stats = decoder_stack(params["layers"], embed(params, tokens, pos, config), pos, config)
     assert stats["expert_tokens"].shape == (2, 4) and stats["dropped"].shape == (2,)
-    cache = init_cache(config, 2, 9)
+    cache = DenseKVCache.create(config, 2, 9)
     decode = jax.jit(functools.partial(forward, config=config))
     steps = []
     for t in range(9):
@@ -221,15 +222,16 @@ def test_expert_parallel_layer_equals_one_device_and_uses_all_to_all(cf):
 
 def train_losses(config, mesh=None, steps=5):
     from hpllm.parallel import sharding
+    from hpllm.train import state as state_lib
     from hpllm.train import step as step_lib
     from hpllm.train.data import random_batch
 
     batches = [random_batch(config, seed=i) for i in range(steps)]
     step_fn = step_lib.jit_train_step(config, mesh)
     if mesh is None:
-        state = jax.jit(step_lib.init_state, static_argnums=0)(config, jax.random.key(0))
+        state = jax.jit(state_lib.init_state, static_argnums=0)(config, jax.random.key(0))
     else:
-        state = sharding.init_sharded_state(config, mesh, jax.random.key(0))
+        state = state_lib.init_sharded_state(config, mesh, jax.random.key(0))
         batches = [sharding.shard_batch(b, mesh) for b in batches]
     compiled = step_fn.lower(state, batches[0]).compile()
     losses = []
@@ -257,7 +259,7 @@ def test_five_training_steps_expert_parallel_equal_one_device():
 
 @needs_8
 def test_expert_weights_sharded_by_the_rules():
-    from hpllm.parallel.sharding import param_shardings
+    from hpllm.train.state import param_shardings
 
     config = make_config("tiny", n_experts=8, mesh="expert=4,data=2")
     shardings = param_shardings(config, mesh_of(data=2, expert=4))

@@ -52,7 +52,7 @@ def test_batch_rows_are_the_rows_of_batch_at(step):
     data = _dataset()
     whole = data.batch_at(step)
     for start, stop in [(0, 6), (0, 3), (3, 6), (4, 5)]:
-        part = D.batch_rows(data, step, start, stop)
+        part = data.batch_at(step, start, stop)
         for name in whole:
             np.testing.assert_array_equal(part[name], whole[name][start:stop], err_msg=name)
 
@@ -65,7 +65,7 @@ def test_global_batch_builds_each_row_range_once():
 
     def rows(a, b):
         asked.append((a, b))
-        return D.batch_rows(data, 3, a, b)
+        return data.batch_at(3, a, b)
 
     batch = D.global_batch(rows, 8, S.batch_sharding(mesh))
     assert sorted(asked) == [(0, 2), (2, 4), (4, 6), (6, 8)]

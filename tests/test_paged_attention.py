@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from hpllm.kernels import paged_attention as pa
-from hpllm.model.attention import reference_attention
+from hpllm.kernels.masking import reference_attention
+from numerics import rel_err
 
 
 def paged_case(rng, lengths, n_new, heads, kv_heads, dim, block, dtype, spare_slots=1,
@@ -66,11 +67,6 @@ def numpy_paged_reference(q, k_pages, v_pages, tables, q_pos, window):
                 w = np.exp(scores - scores.max())
                 out[i, t, head] = w @ values / w.sum()
     return out
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
 
 
 def run_impl(impl, *args, window, **kw):

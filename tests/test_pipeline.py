@@ -11,9 +11,10 @@ import pytest
 
 from hpllm.config import ConfigError, MeshConfig, make_config
 from hpllm.model import moe
-from hpllm.model.transformer import forward, init_params
+from hpllm.model.transformer import decoder_stack, embed, head, init_params
 from hpllm.parallel.mesh import make_mesh
-from hpllm.parallel.pipeline import bubble_fraction, gpipe, gpipe_schedule, pipeline_forward
+from hpllm.parallel.pipeline import bubble_fraction, gpipe, gpipe_schedule
+from hpllm.train.step import training_logits
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (conftest)")
 
@@ -95,13 +96,15 @@ def test_pipelined_decoder_equals_forward(mesh_sizes, layers, experts, m):
         return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
 
     def ref(params):
-        logits, _, stats = forward(params, tokens, positions, config, segment_ids=segments,
-                                   moe_stats=True)
+        x = embed(params, tokens, positions, config)
+        x, _, stats = decoder_stack(params["layers"], x, positions, config,
+                                    segment_ids=segments)
+        logits = head(params, x, config)
         return loss(logits), (logits, stats)
 
     def piped(params):
-        logits, stats = pipeline_forward(params, tokens, positions, config, microbatches=m,
-                                         segment_ids=segments)
+        logits, stats = training_logits(params, tokens, positions, config, microbatches=m,
+                                        segment_ids=segments)
         return loss(logits), (logits, stats)
 
     (_, (want, want_stats)), want_g = jax.jit(jax.value_and_grad(ref, has_aux=True))(params)
@@ -125,15 +128,16 @@ def test_pipelined_decoder_equals_forward(mesh_sizes, layers, experts, m):
 @needs_8
 def test_five_training_steps_pipelined_equal_one_device():
     from hpllm.parallel import sharding
+    from hpllm.train import state as state_lib
     from hpllm.train import step as step_lib
     from hpllm.train.data import random_batch
 
     def losses(config, mesh):
         batches = [random_batch(config, seed=i) for i in range(5)]
         if mesh is None:
-            state = jax.jit(step_lib.init_state, static_argnums=0)(config, jax.random.key(0))
+            state = jax.jit(state_lib.init_state, static_argnums=0)(config, jax.random.key(0))
         else:
-            state = sharding.init_sharded_state(config, mesh, jax.random.key(0))
+            state = state_lib.init_sharded_state(config, mesh, jax.random.key(0))
             batches = [sharding.shard_batch(b, mesh) for b in batches]
         compiled = step_lib.jit_train_step(config, mesh).lower(state, batches[0]).compile()
         out = []

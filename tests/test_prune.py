@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hpllm.compress import prune as pr
-from hpllm.compress.quantize import _to_nk
+from hpllm.quantized import _to_nk
 from hpllm.config import make_config
 from hpllm.model.transformer import init_params
 from hpllm.train.data import random_batch

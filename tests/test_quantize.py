@@ -5,15 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hpllm import quantized as qt
+from hpllm.checkpoints.quantized_checkpoint import save_quantized
 from hpllm.compress import quantize as qz
-from hpllm.config import make_config
+from hpllm.config import ModelConfig, make_config
 from hpllm.infer.generate import generate
-from hpllm.model.transformer import forward, init_cache, init_params, unstack_layers
+from hpllm.kernels import cpu_quant_matmul as cq
+from hpllm.model.kv_cache import DenseKVCache, kv_bytes_per_token
+from hpllm.model.transformer import forward, init_params, unstack_layers
 
 FLOAT_EPS = 1e-6  # float32 rounding of w / s and q * s, relative to |w|
 
 
-def _per_element_scale(w: qz.QuantizedWeight):
+def _per_element_scale(w: qt.QuantizedWeight):
     """Each element's scale, in the float leaf's layout."""
     n, k = w.n, w.k
     if w.scheme == "int4":
@@ -21,18 +25,18 @@ def _per_element_scale(w: qz.QuantizedWeight):
     else:
         s = jnp.broadcast_to(w.scale, w.scale.shape[:-1] + (k,))
     assert s.shape[-2:] == (n, k)
-    return qz._from_nk(s, w.shape, w.in_axes)
+    return qt._from_nk(s, w.shape, w.in_axes)
 
 
-@pytest.mark.parametrize("scheme", qz.SCHEMES)
+@pytest.mark.parametrize("scheme", qt.SCHEMES)
 @pytest.mark.parametrize("shape,in_axes", [((37, 3, 5), (0,)), ((3, 5, 29), (0, 1)),
                                           ((41, 23), (1,)), ((4, 19, 13), (1,))])
 def test_round_trip_error_is_at_most_half_a_scale(scheme, shape, in_axes):
     rng = np.random.default_rng(abs(hash((scheme, shape))) % 2**32)
     w = rng.standard_normal(shape).astype(np.float32) * rng.uniform(0.01, 3, shape[-1])
     w[..., 0] += 2.0  # rows with all-positive or shifted ranges (zero-point's case)
-    qw = qz.quantize(jnp.asarray(w), scheme, in_axes, group_size=6)
-    back = np.asarray(qz.dequantize(qw))
+    qw = qt.quantize(jnp.asarray(w), scheme, in_axes, group_size=6)
+    back = np.asarray(qt.dequantize(qw))
     assert back.shape == w.shape
     bound = np.asarray(_per_element_scale(qw)) / 2
     err = np.abs(back - w)
@@ -42,13 +46,13 @@ def test_round_trip_error_is_at_most_half_a_scale(scheme, shape, in_axes):
 
 def test_stacked_leading_axes_quantize_each_slice_alone():
     w = jax.random.normal(jax.random.key(0), (3, 11, 4, 6))
-    stacked = qz.quantize(w, "int4", (0,), group_size=4, trailing=3)
+    stacked = qt.quantize(w, "int4", (0,), group_size=4, trailing=3)
     for i in range(3):
-        one = qz.quantize(w[i], "int4", (0,), group_size=4)
+        one = qt.quantize(w[i], "int4", (0,), group_size=4)
         sliced = jax.tree.map(lambda a, i=i: a[i], stacked)
         np.testing.assert_array_equal(np.asarray(sliced.q), np.asarray(one.q))
-        np.testing.assert_array_equal(np.asarray(qz.dequantize(sliced)),
-                                      np.asarray(qz.dequantize(one)))
+        np.testing.assert_array_equal(np.asarray(qt.dequantize(sliced)),
+                                      np.asarray(qt.dequantize(one)))
 
 
 def test_exactly_representable_weights_survive_unchanged():
@@ -57,27 +61,27 @@ def test_exactly_representable_weights_survive_unchanged():
     codes[0, :] = 127  # each output channel (column) reaches the absmax
     scale = rng.uniform(0.5, 2, 9).astype(np.float32)
     w = codes * scale  # (K, N) = (13, 9); per output channel scale
-    back = qz.dequantize(qz.quantize(jnp.asarray(w.T.copy()).T, "int8", (0,)))
+    back = qt.dequantize(qt.quantize(jnp.asarray(w.T.copy()).T, "int8", (0,)))
     np.testing.assert_allclose(np.asarray(back), w, rtol=2e-7)
 
 
 def test_int4_pack_unpack_is_exact():
     rng = np.random.default_rng(2)
     codes = rng.integers(-8, 8, (3, 5, 14)).astype(np.int8)
-    packed = qz.pack_int4(jnp.asarray(codes))
+    packed = cq.pack_int4(jnp.asarray(codes))
     assert packed.dtype == jnp.uint8 and packed.shape == (3, 5, 7)
-    np.testing.assert_array_equal(np.asarray(qz.unpack_int4(packed)), codes)
+    np.testing.assert_array_equal(np.asarray(cq.unpack_int4(packed)), codes)
     # the byte layout: even index in the low nibble
     assert int(packed[0, 0, 0]) == (int(codes[0, 0, 0]) + 8) | ((int(codes[0, 0, 1]) + 8) << 4)
-    with pytest.raises(qz.QuantizationError, match="even"):
-        qz.pack_int4(jnp.zeros((3, 5), jnp.int8))
+    with pytest.raises(cq.KernelError, match="even"):
+        cq.pack_int4(jnp.zeros((3, 5), jnp.int8))
 
 
 def test_int4_pads_a_ragged_last_group():
     w = jax.random.normal(jax.random.key(3), (10, 7))  # K = 10, groups of 4: 4 + 4 + 2(+2)
-    qw = qz.quantize(w, "int4", (0,), group_size=4)
+    qw = qt.quantize(w, "int4", (0,), group_size=4)
     assert qw.q.shape == (7, 6) and qw.scale.shape == (7, 3)
-    assert qz.dequantize(qw).shape == (10, 7)
+    assert qt.dequantize(qw).shape == (10, 7)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int8-zp", "int4"])
@@ -91,9 +95,9 @@ def test_project_equals_einsum_with_the_dequantized_weight(scheme, equation, x_s
                                                           in_axes):
     kx, kw = jax.random.split(jax.random.key(4))
     x = jax.random.normal(kx, x_shape)
-    qw = qz.quantize(jax.random.normal(kw, w_shape), scheme, in_axes, group_size=4)
-    got = jax.jit(lambda x, w: qz.project(x, w, equation))(x, qw)
-    want = jnp.einsum(equation, x, qz.dequantize(qw), precision="highest")
+    qw = qt.quantize(jax.random.normal(kw, w_shape), scheme, in_axes, group_size=4)
+    got = jax.jit(lambda x, w: qt.project(x, w, equation))(x, qw)
+    want = jnp.einsum(equation, x, qt.dequantize(qw), precision="highest")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
 
 
@@ -118,15 +122,15 @@ def test_llm_int8_matmul_matches_float64_reference():
     x = rng.standard_normal((2, 7, 37)).astype(np.float32)
     x[1, 3, [4, 20]] = [9.0, -12.0]  # two outlier features
     w = jnp.asarray(rng.standard_normal((37, 23)).astype(np.float32))
-    qw = qz.quantize(w, "llm.int8", (0,), threshold=6.0)
-    got = np.asarray(qz.project(jnp.asarray(x), qw, "bsd,df->bsf")).reshape(-1, 23)
+    qw = qt.quantize(w, "llm.int8", (0,), threshold=6.0)
+    got = np.asarray(qt.project(jnp.asarray(x), qw, "bsd,df->bsf")).reshape(-1, 23)
     want, outlier = _llm_int8_reference(x, qw.q, qw.scale[:, 0], 6.0)
     assert outlier.sum() == 2
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # The token holding the outliers: its other features keep a fine scale when the outliers
     # go through the float path, so it is much closer to x @ deq(w) than with no split.
-    exact = x.reshape(-1, 37).astype(np.float64) @ np.asarray(qz.dequantize(qw), np.float64)
-    no_split = np.asarray(qz.llm_int8_matmul(jnp.asarray(x), qw.q, qw.scale[:, 0], 1e9))
+    exact = x.reshape(-1, 37).astype(np.float64) @ np.asarray(qt.dequantize(qw), np.float64)
+    no_split = np.asarray(qt.llm_int8_matmul(jnp.asarray(x), qw.q, qw.scale[:, 0], 1e9))
     row = 1 * 7 + 3
     assert np.abs(got - exact)[row].max() < 0.5 * np.abs(no_split.reshape(-1, 23) - exact)[row].max()
 
@@ -145,8 +149,8 @@ def tiny():
 def test_quantized_forward_equals_dequantized_weights_forward(tiny, scheme):
     config, params = tiny
     qp = qz.quantize_params(params, scheme, group_size=16)
-    assert all(qz.is_quantized(qp["layers"][n]) for n in ("wq", "wo", "w_down"))
-    assert qz.is_quantized(qp["embed"]) and not qz.is_quantized(qp["final_norm"])
+    assert all(qt.is_quantized(qp["layers"][n]) for n in ("wq", "wo", "w_down"))
+    assert qt.is_quantized(qp["embed"]) and not qt.is_quantized(qp["final_norm"])
     tokens = jax.random.randint(jax.random.key(8), (2, 13), 0, config.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(13), (2, 13))
     run = jax.jit(lambda p: forward(p, tokens, positions, config)[0])
@@ -160,19 +164,19 @@ def test_quantized_forward_equals_dequantized_weights_forward(tiny, scheme):
 
 def test_bad_schemes_are_refused(tiny):
     _, params = tiny
-    with pytest.raises(qz.QuantizationError, match="unknown quantization scheme 'int3'"):
+    with pytest.raises(qt.QuantizationError, match="unknown quantization scheme 'int3'"):
         qz.quantize_params(params, "int3")
-    with pytest.raises(qz.QuantizationError, match="even number"):
+    with pytest.raises(qt.QuantizationError, match="even number"):
         qz.quantize_params(params, "int4", group_size=5)
-    with pytest.raises(qz.QuantizationError, match="threshold"):
+    with pytest.raises(qt.QuantizationError, match="threshold"):
         qz.quantize_params(params, "llm.int8", threshold=0)
 
 
 def test_kv_round_trip_error_is_at_most_half_a_scale():
     x = jax.random.normal(jax.random.key(9), (2, 5, 3, 19)) * 4
-    q, scale = qz.quantize_kv(x)
+    q, scale = qt.quantize_kv(x)
     assert q.dtype == jnp.int8 and scale.shape == (2, 5, 3)
-    err = np.abs(np.asarray(qz.dequantize_kv(q, scale)) - np.asarray(x))
+    err = np.abs(np.asarray(qt.dequantize_kv(q, scale)) - np.asarray(x))
     assert np.all(err <= np.asarray(scale)[..., None] / 2 * (1 + 1e-6) + 1e-7)
 
 
@@ -188,21 +192,21 @@ def test_int8_kv_cache_decoding_tracks_the_float_cache(tiny):
     params = init_params(config, jax.random.key(7))
     tokens = jnp.asarray([prompt + [0] * 10], jnp.int32)
     positions = jnp.arange(16)[None]
-    f = forward(params, tokens, positions, config, cache=init_cache(config, 1, 32))[0]
-    cache8 = init_cache(config, 1, 32, kv_dtype="int8")
-    assert cache8["k"].dtype == jnp.int8 and cache8["k_scale"].shape == cache8["k"].shape[:-1]
+    f = forward(params, tokens, positions, config, cache=DenseKVCache.create(config, 1, 32))[0]
+    cache8 = DenseKVCache.create(config, 1, 32, "int8")
+    assert cache8.k.dtype == jnp.int8 and cache8.k_scale.shape == cache8.k.shape[:-1]
     i8 = forward(params, tokens, positions, config, cache=cache8)[0]
     diff = np.abs(np.asarray(i8) - np.asarray(f))
     assert 0 < diff.max() < 0.01 * np.abs(np.asarray(f)).max()
 
 
 def test_int8_kv_halves_the_cache_bytes_per_token():
-    b16 = qz.kv_bytes_per_token(30, 3, 64, "bfloat16")
-    b8 = qz.kv_bytes_per_token(30, 3, 64, "int8")
-    cache = init_cache(make_config("tiny").model, 2, 16, kv_dtype="int8")
+    smollm_kv = ModelConfig(n_layers=30, dim=576, n_heads=9, n_kv_heads=3)  # head_dim 64
+    b16 = kv_bytes_per_token(smollm_kv, "bfloat16")
+    b8 = kv_bytes_per_token(smollm_kv, "int8")
     c = make_config("tiny").model
-    assert sum(a.nbytes for a in cache.values()) == 2 * 16 * qz.kv_bytes_per_token(
-        c.n_layers, c.n_kv_heads, c.head_dim, "int8")
+    cache = DenseKVCache.create(c, 2, 16, "int8")
+    assert cache.nbytes == 2 * 16 * kv_bytes_per_token(c, "int8")
     assert 1.85 < b16 / b8 < 2.0
 
 
@@ -218,11 +222,11 @@ def test_saved_quantized_checkpoint_loads_back_identically(tiny, tmp_path):
     hf.decoder = decoders.ByteLevel()
     tokenizer = TextTokenizer(hf, eos_id=1)
     qp = qz.quantize_params(params, "int4", group_size=16)
-    qz.save_quantized(tmp_path / "q", config, qp, tokenizer, "int4", group_size=16)
+    save_quantized(tmp_path / "q", config, qp, tokenizer, "int4", group_size=16)
     model = load_model(str(tmp_path / "q"))
     assert model.quant == "int4" and model.config == config
-    assert jax.tree.structure(model.params, is_leaf=qz.is_quantized) == \
-        jax.tree.structure(qp, is_leaf=qz.is_quantized)
+    assert jax.tree.structure(model.params, is_leaf=qt.is_quantized) == \
+        jax.tree.structure(qp, is_leaf=qt.is_quantized)
     tokens = jnp.asarray([[3, 1, 4, 1, 5, 9, 2, 6]])
     positions = jnp.arange(8)[None]
     np.testing.assert_array_equal(np.asarray(forward(model.params, tokens, positions, config)[0]),
@@ -235,7 +239,8 @@ def test_float16_training_uses_a_dynamic_loss_scale():
     """float16 compute: the loss scale lives in the optimizer state, an overflowing step is
     skipped (params unchanged) and halves the scale, finite steps train."""
     from hpllm.train.data import random_batch
-    from hpllm.train.step import init_state, loss_scale_of, train_step
+    from hpllm.train.state import init_state, loss_scale_of
+    from hpllm.train.step import train_step
 
     config = make_config("tiny", ["--vocab_size=97", "--n_layers=2", "--dim=48",
                                   "--ffn_dim=80", "--max_seq_len=16", "--seq_len=16",
@@ -278,8 +283,8 @@ def test_smollm2_int8_kv_cache_greedy_matches_float_cache():
         prefix = next((i for i, (a, b) in enumerate(zip(free, want)) if a != b), 128)
         seq = jnp.asarray([prompt + want[:-1]], jnp.int32)
         n = seq.shape[1]
-        f32 = run(params, seq, init_cache(config, 1, n))[0, len(prompt) - 1:]
-        i8 = run(params, seq, init_cache(config, 1, n, kv_dtype="int8"))[0, len(prompt) - 1:]
+        f32 = run(params, seq, DenseKVCache.create(config, 1, n))[0, len(prompt) - 1:]
+        i8 = run(params, seq, DenseKVCache.create(config, 1, n, "int8"))[0, len(prompt) - 1:]
         assert list(np.asarray(jnp.argmax(f32, -1))) == want  # the float cache's own tokens
         same = int(jnp.sum(jnp.argmax(i8, -1) == jnp.argmax(f32, -1)))
         print(f"{text!r}: teacher-forced {same}/128, free-running identical prefix {prefix}")

@@ -1,16 +1,25 @@
 """The napkin math: sizing answers reproduce the worked numbers of "How to Scale Your
 Model", and the roofline predictor's terms follow from the model config by hand."""
 
+import dataclasses
 import json
+import math
+import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from hpllm.config import make_config
 from hpllm.perf import sizing
 from hpllm.perf.hardware import CHIPS
-from hpllm.perf.roofline import MeshShape, Workload, matmul_params, predict
+from hpllm.compress.quantize import quantize_params
+from hpllm.model.transformer import init_params
+from hpllm.perf.roofline import (OPS_OUTSIDE_LAYERS, OPS_PER_LAYER, MeshShape, Workload,
+                                 matmul_params, matmul_weight_bytes, predict)
+from hpllm.quantized import is_quantized
+from known_hardware import write_known_figures
 
 V4 = CHIPS["tpu-v4"]
 
@@ -62,17 +71,163 @@ def test_remat_trades_activation_memory():
     assert mem["full"] < mem["dots"] < mem["none"]
 
 
+def test_decode_on_a_cpu_adds_the_measured_matvec_and_dispatch_terms():
+    config = make_config("smollm2-135m", []).model
+    cpu = dataclasses.replace(CHIPS["h100"], matvec_bandwidth=20e9, op_overhead_s=1e-6,
+                              call_overhead_s=50e-6)
+    workload = Workload("decode", 1, context=256)
+    plain = predict(config, workload, CHIPS["h100"], compute_dtype="float32")
+    pred = predict(config, workload, cpu, compute_dtype="float32")
+    terms = {t.name: t for t in pred.terms}
+    for name in ("weight matmuls", "output projection"):  # streamed at the mat-vec's rate
+        assert terms[name].memory_s == pytest.approx(terms[name].bytes / 20e9)
+    assert terms["attention (KV read)"].memory_s == pytest.approx(
+        terms["attention (KV read)"].bytes / CHIPS["h100"].hbm_bandwidth)
+    launches = config.n_layers * OPS_PER_LAYER + OPS_OUTSIDE_LAYERS
+    assert terms["dispatch"].seconds == pytest.approx(launches * 1e-6 + 50e-6)
+    assert pred.step_s == pytest.approx(sum(t.seconds for t in pred.terms))
+    assert "dispatch" not in {t.name for t in plain.terms}  # accelerators: no such terms
+    # Prefill reuses each weight over many tokens: the mat-vec rate does not apply.
+    prefill = predict(config, Workload("prefill", 1, 256), cpu, compute_dtype="float32")
+    weights = next(t for t in prefill.terms if t.name == "weight matmuls")
+    assert weights.memory_s == pytest.approx(weights.bytes / CHIPS["h100"].hbm_bandwidth)
+
+
 def test_cli_prints_table_json_and_plot(tmp_path):
+    # Known machine figures, so the prediction does not wait on (or vary with) a measurement.
+    cache = tmp_path / "cache"
+    write_known_figures(cache, 8)  # the tests' 8 simulated devices
+    env = dict(os.environ, HPLLM_CACHE=str(cache))
     out = subprocess.run([sys.executable, "-m", "hpllm.cli", "roofline", "--preset", "tiny",
                           "--workload", "decode", "--context", "64", "--measure",
                           "--repeats", "2", "--json", str(tmp_path / "r.json"),
                           "--plot", str(tmp_path / "r.png")],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     assert "predicted step" in out.stdout and "measured" in out.stdout
     data = json.loads((tmp_path / "r.json").read_text())
-    assert data["measured_s"] > 0 and data["predicted_s"] > 0 and data["bound"] == "memory"
+    assert data["measured_s"] > 0 and data["predicted_s"] > 0 and data["bandwidth"] == 6e10
+    # The tiny model's decode step is a few hundred launches of little work each.
+    assert data["bound"] in ("memory", "overhead") and data["terms"][-1]["name"] == "dispatch"
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     bad = subprocess.run([sys.executable, "-m", "hpllm.cli", "roofline", "--mesh", "pipe=2"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "bad workload or --mesh" in bad.stderr
+
+
+# A CPU with measured figures: the XLA and int8-kernel mat-vec chains, and the chains' FLOP/s
+# at 8 and 32 rows (the batched decode step's matmul rate).
+CPU = dataclasses.replace(CHIPS["h100"], peak_flops={"float32": 3e11, "bfloat16": 3e11},
+                          hbm_bandwidth=40e9, matvec_bandwidth=30e9, int8_matvec_bandwidth=20e9,
+                          op_overhead_s=5e-7, call_overhead_s=5e-5,
+                          batched_flops={"float32": {"8": 6e10, "32": 1.5e11},
+                                         "int8": {"8": 4e10, "32": 1e11}})
+
+
+@pytest.mark.parametrize("preset,untied", [("tiny", False), ("tiny", True),
+                                           ("smollm2-135m", False)])
+@pytest.mark.parametrize("scheme", ["int8", "int8-zp"])
+def test_predicted_quantized_bytes_are_the_models(preset, untied, scheme):
+    """The predictor's int8 weight bytes (codes + scales, + zeros) are what quantize_params
+    makes of the model's matrices: exactly, to the byte. (Shapes only: jax.eval_shape.)"""
+    model = make_config(preset, ["--tie_embeddings=false"] if untied else []).model
+    params = jax.eval_shape(lambda: quantize_params(init_params(model, jax.random.key(0)),
+                                                    scheme))
+    quantized = [w for w in jax.tree.leaves(params, is_leaf=is_quantized) if is_quantized(w)]
+    actual = sum(math.prod(a.shape) * a.dtype.itemsize for w in quantized
+                 for a in jax.tree.leaves(w))
+    stored = matmul_weight_bytes(model, "float32", scheme)
+    # untied: the embedding table is quantized too, the same (V, D) matrix as the output
+    assert actual == stored["layers"] + stored["output"] * (2 if untied else 1)
+    pred = predict(model, Workload("decode", 1, context=32), CPU, compute_dtype="float32",
+                   quant=scheme)
+    terms = {t.name: t for t in pred.terms}
+    # each weight term reads its stored weights plus the token's activations (float32: at
+    # most ~1 MiB for SmolLM2's 30 layers)
+    assert stored["layers"] < terms["weight matmuls"].bytes < stored["layers"] + 2**21
+    assert stored["output"] < terms["output projection"].bytes < stored["output"] + 2**21
+    float_bytes = matmul_weight_bytes(model, "float32")
+    assert sum(float_bytes.values()) == 4 * matmul_params(model)
+    assert 3.5 < sum(float_bytes.values()) / sum(stored.values()) < 4
+
+
+def test_int8_decode_streams_at_the_kernel_rate():
+    config = make_config("smollm2-135m", []).model
+    workload = Workload("decode", 1, context=256)
+    plain = predict(config, workload, CPU, compute_dtype="float32")
+    int8 = predict(config, workload, CPU, compute_dtype="float32", quant="int8")
+    for pred, rate in ((plain, 30e9), (int8, 20e9)):
+        weights = next(t for t in pred.terms if t.name == "weight matmuls")
+        assert weights.memory_s == pytest.approx(weights.bytes / rate)
+        assert weights.compute_s == pytest.approx(weights.flops / 3e11)  # one row: the peak
+    assert int8.memory["params"] < plain.memory["params"] / 3.5
+    assert int8.flops == plain.flops  # the same products, from narrower weights
+    with pytest.raises(ValueError, match="int8 or int8-zp, not 'int4'"):
+        predict(config, workload, CPU, quant="int4")
+    with pytest.raises(ValueError, match="inference"):
+        predict(config, Workload("train", 1, 16), CPU, quant="int8")
+
+
+def test_engine_step_reads_weights_once_and_kv_per_row():
+    config = make_config("smollm2-135m", []).model
+    steps = {b: predict(config, Workload("engine", b, context=256), CPU, compute_dtype="float32")
+             for b in (1, 5, 8, 32, 100)}
+    terms = {b: {t.name: t for t in p.terms} for b, p in steps.items()}
+    # per row and layer: the 7 matmuls' inputs and outputs; then the final hidden state
+    act = config.n_layers * (6 * config.dim + 2 * config.head_dim * (
+        config.n_heads + config.n_kv_heads) + 3 * config.hidden_dim) + config.dim
+    weights = terms[8]["weight matmuls"]
+    # the weights once per step; the activations per row
+    assert terms[32]["weight matmuls"].bytes - weights.bytes == pytest.approx(24 * act * 4)
+    kv = 2 * config.n_layers * 256 * config.n_kv_heads * config.head_dim * 4
+    attn = {b: terms[b]["attention (KV read)"].bytes for b in (8, 32)}
+    assert attn[32] - attn[8] == pytest.approx(24 * (kv + 3 * config.n_layers
+                                                      * config.n_heads * 256 * 4))
+    # the matmuls compute at the rate measured at that many rows (5 pads up to 8's), beyond
+    # the measured rows at the large-matmul peak
+    assert weights.compute_s == pytest.approx(weights.flops / 6e10)
+    assert terms[5]["weight matmuls"].compute_s == pytest.approx(
+        terms[5]["weight matmuls"].flops / 6e10)
+    assert terms[32]["output projection"].compute_s == pytest.approx(
+        terms[32]["output projection"].flops / 1.5e11)
+    assert terms[100]["weight matmuls"].compute_s == pytest.approx(
+        terms[100]["weight matmuls"].flops / 3e11)
+    assert terms[8]["dispatch"].seconds == terms[32]["dispatch"].seconds  # per step, not row
+    assert steps[8].step_s == pytest.approx(sum(t.seconds for t in steps[8].terms))
+    int8 = predict(config, Workload("engine", 8, context=256), CPU, compute_dtype="float32",
+                   quant="int8")
+    w8 = next(t for t in int8.terms if t.name == "weight matmuls")
+    assert w8.compute_s == pytest.approx(w8.flops / 4e10)
+    with pytest.raises(ValueError, match="context"):
+        Workload("engine", 8)
+
+
+def test_cli_quantized_and_engine_workloads(tmp_path):
+    cache = tmp_path / "cache"
+    write_known_figures(cache, 8)
+    env = dict(os.environ, HPLLM_CACHE=str(cache))
+    base = [sys.executable, "-m", "hpllm.cli", "roofline", "--preset", "tiny", "--context", "32",
+            "--measure", "--repeats", "2"]
+    for extra in (["--workload", "decode", "--quant", "int8"],
+                  ["--workload", "engine", "--batch", "3"],
+                  ["--workload", "engine", "--batch", "8", "--quant", "int8"]):
+        out = subprocess.run(base + extra + ["--json", str(tmp_path / "r.json")],
+                             capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr
+        data = json.loads((tmp_path / "r.json").read_text())
+        quant = "int8" if "int8" in extra else ""
+        assert data["quant"] == quant and data["measured_s"] > 0 and data["predicted_s"] > 0
+        assert data["workload"]["kind"] == extra[1] and data["workload"]["context"] == 32
+        tiny = make_config("tiny", [])
+        assert data["weight_bytes"] == sum(matmul_weight_bytes(
+            tiny.model, tiny.train.compute_dtype, quant).values())
+        assert ("paged engine step" in out.stdout) == (extra[1] == "engine")
+    for bad, message in ((["--quant", "int4", "--workload", "decode"], "not int4"),
+                         (["--quant", "int8", "--workload", "train"], "--quant is for")):
+        out = subprocess.run(base[:-3] + bad, capture_output=True, text=True, timeout=120,
+                             env=env)
+        assert out.returncode == 2 and message in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1  # one line, no traceback
+    out = subprocess.run(base[:-3] + ["--quant", "int3"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 2 and "invalid choice: 'int3'" in out.stderr

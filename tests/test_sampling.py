@@ -119,3 +119,20 @@ def test_bad_params_name_the_parameter(kw, param):
     with pytest.raises(SamplingError) as err:
         SamplingParams(**kw).validate(vocab_size=100)
     assert err.value.param == param and param in str(err.value)
+
+
+def test_single_stream_refuses_parameters_it_does_not_apply():
+    """hpllm generate/chat (hpllm.infer.text) take SamplingParams but apply only max_tokens,
+    temperature, top_k, top_p and seed; any other field set is a clear error, not ignored."""
+    from hpllm.infer.text import check_single_stream
+
+    ok = SamplingParams(max_tokens=4, temperature=0.5, top_k=5, top_p=0.9, seed=3)
+    assert check_single_stream(ok) is ok
+    for field, kw in [("min_p", dict(min_p=0.1)), ("n", dict(n=2)), ("stop", dict(stop="x")),
+                      ("logprobs", dict(logprobs=1)),
+                      ("repetition_penalty", dict(repetition_penalty=1.2))]:
+        with pytest.raises(SamplingError, match=f"^{field}: single-stream") as err:
+            check_single_stream(SamplingParams(**kw))
+        assert err.value.param == field
+    with pytest.raises(SamplingError, match="^top_p"):  # and the usual validation
+        check_single_stream(SamplingParams(top_p=0))

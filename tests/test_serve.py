@@ -30,10 +30,12 @@ from safetensors.numpy import save_file
 from hpllm.checkpoints.gguf import read_gguf
 from hpllm.checkpoints.registry import load_model, pull
 from hpllm.checkpoints.tokenizer import tokenizer_from_gguf
+from hpllm.config import EngineConfig
 from hpllm.infer.async_engine import AsyncEngine
-from hpllm.infer.engine import LLM, EngineConfig, EngineCore
+from hpllm.infer.engine import EngineCore
+from hpllm.infer.llm import LLM
 from hpllm.infer.sampling import SamplingParams
-from hpllm.infer.workload import shakespeare_requests
+from hpllm.serve.workload import shakespeare_requests
 from hpllm.serve import bench
 from hpllm.serve.api import create_app
 from llama_numpy import random_llama_tensors

@@ -16,8 +16,10 @@ from hpllm.parallel import sharding as S
 from hpllm.parallel.mesh import make_mesh, resolve_shape
 from hpllm.perf import roofline
 from hpllm.perf.hardware import CHIPS
+from hpllm.perf.hlo import collective_counts
 from hpllm.train.data import random_batch
-from hpllm.train.step import init_state, jit_train_step
+from hpllm.train.state import init_sharded_state, init_state, param_shardings, state_shardings
+from hpllm.train.step import jit_train_step
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (conftest)")
 
@@ -61,7 +63,7 @@ def sharded_run(strategy: str):
     """Losses, final params, compiled HLO text and memory analysis of 5 steps on `strategy`."""
     config = config_for(STRATEGIES[strategy])
     mesh = make_mesh(config.mesh)
-    state = S.init_sharded_state(config, mesh, jax.random.key(0))
+    state = init_sharded_state(config, mesh, jax.random.key(0))
     initial = jax.device_get(state)
     shard_shapes = {jax.tree_util.keystr(k): {s.data.shape for s in v.addressable_shards}
                     for k, v in jax.tree_util.tree_leaves_with_path(state)}
@@ -133,14 +135,14 @@ def test_logical_spec_uses_each_mesh_axis_once_and_only_where_it_divides():
 def test_param_and_state_shardings_cover_every_leaf():
     config = config_for("fsdp=4,tensor=2", ["--tie_embeddings=false", "--pos_embedding=learned"])
     mesh = make_mesh(config.mesh)
-    shardings = S.param_shardings(config, mesh)
+    shardings = param_shardings(config, mesh)
     shapes = param_shapes(config.model)
     assert jax.tree.structure(shardings) == jax.tree.structure(
         shapes, is_leaf=lambda x: isinstance(x, tuple))
     assert shardings["layers"]["w_down"].spec == P(None, "tensor", "fsdp")
     assert shardings["layers"]["wo"].spec == P(None, "tensor", None, "fsdp")
     assert shardings["unembed"].spec == P("fsdp", "tensor")
-    state = S.state_shardings(config, mesh)
+    state = state_shardings(config, mesh)
     abstract = jax.eval_shape(lambda: init_state(config, jax.random.key(0)))
     assert jax.tree.structure(state) == jax.tree.structure(abstract)
     # Adam's moments are laid out as their parameter; counters are replicated.
@@ -200,7 +202,7 @@ def test_strategy_trains_like_one_device(strategy):
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_strategy_compiles_to_its_collectives(strategy):
     hlo, placed = sharded_run(strategy)[2], sharded_run(strategy)[4]
-    counts = S.hlo_collectives(hlo)
+    counts = collective_counts(hlo)
     scatters = counts["reduce-scatter"] + counts["all-reduce+slice"]
     if strategy == "DP":  # replicated weights: gradients all-reduced, nothing gathered
         assert counts["all-reduce"] > 0 and counts["all-gather"] == 0
@@ -246,12 +248,12 @@ def test_fsdp_holds_one_eighth_of_the_state():
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
     config = config_for("fsdp=4,tensor=2")
     saved_mesh = make_mesh(config.mesh)
-    state = S.init_sharded_state(config, saved_mesh, jax.random.key(5))
+    state = init_sharded_state(config, saved_mesh, jax.random.key(5))
     orbax_io.save(tmp_path, 3, state, {"note": "fsdp=4,tensor=2"})
     abstract = jax.eval_shape(lambda: init_state(config, jax.random.key(0)))
     for target in ("data=2,tensor=4", "fsdp=8"):
         mesh = make_mesh(MeshConfig.parse(target))
-        shardings = S.state_shardings(config, mesh)
+        shardings = state_shardings(config, mesh)
         wanted = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                               abstract, shardings)
         restored, meta = orbax_io.restore(tmp_path, 3, wanted)
@@ -271,7 +273,7 @@ def test_optimizer_state_in_host_memory_trains_like_one_device():
         pytest.skip("this backend has no pinned_host memory")
     config = config_for("fsdp=8")
     mesh = make_mesh(config.mesh)
-    state = S.init_sharded_state(config, mesh, jax.random.key(0), opt_memory_kind="pinned_host")
+    state = init_sharded_state(config, mesh, jax.random.key(0), opt_memory_kind="pinned_host")
     mu = state["opt_state"][1][0].mu["layers"]["wq"]
     assert mu.sharding.memory_kind == "pinned_host"
     assert state["params"]["layers"]["wq"].sharding.memory_kind == "device"

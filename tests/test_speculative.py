@@ -7,10 +7,11 @@ import pytest
 from scipy import stats as scipy_stats
 
 from hpllm.config import make_config
-from hpllm.infer.drafts import DraftError, NgramDraft, model_draft, self_draft
 from hpllm.infer.generate import generate
-from hpllm.infer.speculative import (SpeculativeStats, accept_reject, filtered_probs,
-                                     speculative_generate)
+from hpllm.infer.speculative.accept import accept_reject, filtered_probs
+from hpllm.infer.speculative.control import SpeculativeStats
+from hpllm.infer.speculative.proposers import DraftError, NgramDraft
+from hpllm.infer.speculative.single_stream import model_draft, self_draft, speculative_generate
 from hpllm.model.transformer import forward, init_params
 
 
@@ -153,7 +154,7 @@ def test_speculative_stops_at_stop_ids_and_context_end(model):
 
 def test_bad_arguments_raise_clear_errors(model):
     config, params = model
-    with pytest.raises(DraftError, match="draft layers"):
+    with pytest.raises(DraftError, match="draft_layers"):
         self_draft(params, config, 3)
     with pytest.raises(DraftError, match="vocabulary"):
         model_draft(params, config, make_config("tiny").model)

@@ -11,7 +11,8 @@ from hpllm.model.transformer import count_params, forward, init_params
 from hpllm.perf.roofline import forward_flops_per_token, matmul_params, train_flops_per_token
 from hpllm.train.data import random_batch
 from hpllm.train.loop import train
-from hpllm.train.step import init_state, jit_train_step, learning_rate_schedule
+from hpllm.train.state import init_state, learning_rate_schedule
+from hpllm.train.step import jit_train_step
 
 
 def test_learning_rate_warmup_then_cosine_to_floor():

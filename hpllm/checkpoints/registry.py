@@ -16,9 +16,17 @@ import time
 import zipfile
 from dataclasses import dataclass
 
+import jax
+
 from hpllm.cache import cache_dir
 from hpllm.checkpoints import ModelError
+from hpllm.checkpoints.gguf import load_gguf
+from hpllm.checkpoints.hf import load_hf_dir
+from hpllm.checkpoints.quantized_checkpoint import is_quantized_dir, load_quantized
+from hpllm.checkpoints.tokenizer import tokenizer_from_gguf, tokenizer_from_hf_dir
+from hpllm.compress.quantize import quantize_params
 from hpllm.config import ModelConfig
+from hpllm.quantized import check_scheme
 
 
 @dataclass(frozen=True)
@@ -98,39 +106,30 @@ class PretrainedModel:
     tokenizer: object  # hpllm.checkpoints.tokenizer.TextTokenizer
     path: pathlib.Path
     load_seconds: float  # reading, dequantizing and converting, not downloading
-    quant: str = ""  # weight quantization scheme (hpllm.compress.quantize), "" = float
+    quant: str = ""  # weight quantization scheme (hpllm.quantized.SCHEMES), "" = float
 
 
 def load_model(model: str, progress: bool = True, quant: str = "",
                group_size: int = 64, threshold: float = 6.0) -> PretrainedModel:
-    """quant: quantize the matrices on load (hpllm.compress.quantize.SCHEMES; group_size for
+    """quant: quantize the matrices on load (hpllm.quantized.SCHEMES; group_size for
     int4, threshold for llm.int8). A checkpoint saved by `hpllm quantize` carries its scheme
     and loads quantized without it."""
-    import jax
-
-    from hpllm.checkpoints.tokenizer import tokenizer_from_gguf, tokenizer_from_hf_dir
-    from hpllm.compress import quantize as qz
-
     if quant:
-        qz.check_scheme(quant, group_size, threshold)  # before any loading
+        check_scheme(quant, group_size, threshold)  # before any loading
     path = resolve(model)
     start = time.perf_counter()
     saved_quant = ""
-    if path.is_dir() and qz.is_quantized_dir(path):
-        config, params, settings = qz.load_quantized(path)
+    if path.is_dir() and is_quantized_dir(path):
+        config, params, settings = load_quantized(path)
         tokenizer = tokenizer_from_hf_dir(path)
         saved_quant = settings["scheme"]
         if quant and quant != saved_quant:
             raise ModelError(f"{path} is already quantized as {saved_quant}; cannot load it as "
                              f"{quant} (quantize the original model instead)")
     elif path.is_dir():
-        from hpllm.checkpoints.hf import load_hf_dir
-
         config, params = load_hf_dir(path)
         tokenizer = tokenizer_from_hf_dir(path)
     else:
-        from hpllm.checkpoints.gguf import load_gguf
-
         config, params, file, _ = load_gguf(path, progress=progress)
         tokenizer = tokenizer_from_gguf(file.metadata, path.name)
     if tokenizer.vocab_size > config.vocab_size:
@@ -138,6 +137,6 @@ def load_model(model: str, progress: bool = True, quant: str = "",
                          f"embedding only {config.vocab_size}")
     params = jax.device_put(params)
     if quant and not saved_quant:
-        params = qz.quantize_params(params, quant, group_size=group_size, threshold=threshold)
+        params = quantize_params(params, quant, group_size=group_size, threshold=threshold)
     return PretrainedModel(config, params, tokenizer, path, time.perf_counter() - start,
                            quant or saved_quant)

@@ -6,14 +6,13 @@ embeddings initialised from the target's embedding projected onto its top princi
 directions. It is trained on Shakespeare windows (the training split of `hpllm train`, tokenized
 by the target's tokenizer) to minimise KL(target || student) of the next-token distributions,
 the target's logits computed on the fly. The result is cached under
-<cache>/distilled/<model>/ (params.npz + config.json) and loaded by `load_distilled`.
+<cache>/distilled/<model>/ (hpllm/checkpoints/distilled.py, which also loads it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 
 import jax
@@ -21,13 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hpllm.cache import cache_dir
-from hpllm.config import ModelConfig
+from hpllm.checkpoints.distilled import distilled_dir, save_distilled
+from hpllm.checkpoints.registry import load_model
+from hpllm.config import ModelConfig, TrainConfig
 from hpllm.model.transformer import forward, init_params
-
-
-def distilled_dir(model: str = "smollm2-135m"):
-    return cache_dir() / "distilled" / model
+from hpllm.train.data import load_documents, split_documents
 
 
 def student_config(target: ModelConfig, dim: int = 192, n_layers: int = 2) -> ModelConfig:
@@ -52,10 +49,6 @@ def distill(model: str = "smollm2-135m", *, minutes: float = 8.0, steps: int = 1
             batch: int = 4, window: int = 128, dim: int = 192, n_layers: int = 2,
             lr: float = 3e-3, seed: int = 0, log=print) -> dict:
     """Train and cache a draft for `model`; stops after `steps` or `minutes` of wall time."""
-    from hpllm.checkpoints.registry import load_model
-    from hpllm.config import TrainConfig
-    from hpllm.train.data import load_documents, split_documents
-
     target = load_model(model, progress=False)
     tc = TrainConfig()
     train_docs, _ = split_documents(load_documents(tc), tc.val_fraction, tc.seed)
@@ -98,28 +91,7 @@ def distill(model: str = "smollm2-135m", *, minutes: float = 8.0, steps: int = 1
             log(f"step {i}: KL {np.mean(losses[-20:]):.3f} nats/token, {elapsed:.0f} s")
         if elapsed > minutes * 60:
             break
-    out = distilled_dir(model)
-    out.mkdir(parents=True, exist_ok=True)
-    flat = {jax.tree_util.keystr(k): np.asarray(v)
-            for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    np.savez(out / "params.npz", **flat)
-    summary = {"config": dataclasses.asdict(cfg), "steps": i + 1, "seconds": elapsed,
-               "final_kl": float(np.mean(losses[-10:])), "model": model}
-    (out / "config.json").write_text(json.dumps(summary, indent=1))
-    log(f"saved {out} after {i + 1} steps: KL {summary['final_kl']:.3f}")
+    summary = save_distilled(model, cfg, params, steps=i + 1, seconds=elapsed,
+                             final_kl=float(np.mean(losses[-10:])))
+    log(f"saved {distilled_dir(model)} after {i + 1} steps: KL {summary['final_kl']:.3f}")
     return summary
-
-
-def load_distilled(model: str = "smollm2-135m"):
-    """(ModelConfig, params) of the cached draft; FileNotFoundError when `hpllm distill` has
-    not been run for this model."""
-    out = distilled_dir(model)
-    if not (out / "params.npz").exists():
-        raise FileNotFoundError(f"no distilled draft for {model} in {out}: run `hpllm distill`")
-    summary = json.loads((out / "config.json").read_text())
-    cfg = ModelConfig(**summary["config"])
-    template = init_params(cfg, jax.random.key(0))
-    stored = np.load(out / "params.npz")
-    leaves = [jnp.asarray(stored[jax.tree_util.keystr(k)])
-              for k, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
-    return cfg, jax.tree.unflatten(jax.tree.structure(template), leaves)

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from hpllm.compress.quantize import MATRIX_IN_AXES, QuantizationError, _from_nk, _to_nk
+from hpllm.compress.quantize import MATRIX_IN_AXES
+from hpllm.quantized import QuantizationError, _from_nk, _to_nk
+from hpllm.train.state import make_optimizer
+from hpllm.train.step import loss_fn
 
 
 class PruneError(QuantizationError):
@@ -104,10 +108,6 @@ def recover(params: dict, masks: dict, config, batches, steps: int):
     after each update, so the sparsity pattern survives AdamW's decay and momentum.
     `config` is a Config (its train section sets lr, schedule and dtypes); `batches` yields
     the trainer's batch dicts. Returns the params and the losses."""
-    import optax
-
-    from hpllm.train.step import loss_fn, make_optimizer
-
     optimizer = make_optimizer(config.train)
 
     @jax.jit

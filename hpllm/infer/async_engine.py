@@ -15,7 +15,8 @@ import itertools
 import threading
 import time
 
-from hpllm.infer.engine import EngineCore, RequestOutput
+from hpllm.infer.engine import EngineCore
+from hpllm.infer.requests import RequestOutput
 from hpllm.infer.sampling import SamplingParams
 
 

@@ -12,10 +12,10 @@ k_l = rope(norm_l(h_exit) W_k,l), v_l = norm_l(h_exit) W_v,l: only the K/V proje
 skipped layers run (for SmolLM2 192 of the ~3000 output columns of a layer's matrices).
 
 The decoder runs the layers in segments between exit points, each a jitted call of
-`transformer.forward` on that slice of the layers (`hidden=` in, `output_hidden=True` out), so
-the layer math is not duplicated; only the K/V fill repeats the projection lines of a layer.
-Dense float caches only (one per segment); the decision needs one host round trip per exit
-point tried.
+`transformer.decoder_stack` on that slice of the layers, and `transformer.head` at each exit
+point tried, so the layer math is not duplicated; only the K/V fill repeats the projection
+lines of a layer. One dense cache per segment (hpllm.model.kv_cache); the decision needs one
+host round trip per exit point tried.
 """
 
 from __future__ import annotations
@@ -29,48 +29,45 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpllm.compress.quantize import project
 from hpllm.config import ModelConfig
+from hpllm.model.kv_cache import DenseKVCache
 from hpllm.model.layers import apply_rope, rms_norm, rope_angles
-from hpllm.model.transformer import forward, init_cache, unstack_layers
+from hpllm.model.transformer import decoder_stack, embed, head, unstack_layers
+from hpllm.quantized import cast_params, project
 
 
 class EarlyExitError(ValueError):
     """Exit layers or thresholds that cannot be used."""
 
 
-@functools.partial(jax.jit, static_argnames=("config", "first"), donate_argnames=("cache",))
-def _segment(params, tokens, hidden, positions, cache, config, first):
+@functools.partial(jax.jit, static_argnames=("config", "first", "dtype"),
+                   donate_argnames=("cache",))
+def _segment(params, tokens, hidden, positions, cache, config, first, dtype=jnp.float32):
     """Run one slice of the layers; the first slice embeds `tokens`, the others take `hidden`."""
-    h, cache = forward(params, tokens, positions, config, cache=cache,
-                       hidden=None if first else hidden, output_hidden=True)
-    return h, cache
+    x = embed(params, tokens, positions, config, dtype) if first else hidden
+    x, cache, _ = decoder_stack(params["layers"], x, positions, config, cache=cache)
+    return x, cache
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _exit_logits(params, hidden, config):
-    """Final norm + LM head on the last position's hidden state (forward with no layers), and
-    the softmax max-probability as the confidence."""
-    unused = jnp.zeros(hidden.shape[:1] + (1,), jnp.int32)  # tokens/positions: no layers run
-    logits, _ = forward({**params, "layers": []}, unused, unused, config,
-                        hidden=hidden[:, -1:])
-    logits = logits[:, -1]
+    """Final norm + LM head on the last position's hidden state, and the softmax
+    max-probability as the confidence."""
+    logits = head(params, hidden[:, -1], config)
     return logits, jax.nn.softmax(logits, axis=-1).max(axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
 def _fill_kv(layers, hidden, positions, cache, config):
     """Keys/values of skipped layers from the exit hidden state (the K/V lines of
-    transformer.forward's layer, repeated here: the one duplicated piece)."""
+    transformer.decoder_stack's layer, repeated here: the one duplicated piece)."""
     c = config
     cos, sin = rope_angles(positions, c.head_dim, c.rope_theta)
-    batch_index = jnp.arange(positions.shape[0])[:, None]
-    for i, w in enumerate(layers):
+    for i, w in enumerate(cast_params(layers, hidden.dtype)):
         h = rms_norm(hidden, w["attn_norm"], c.norm_eps)
         k = apply_rope(project(h, w["wk"], "bsd,dhk->bshk"), cos, sin)
         v = project(h, w["wv"], "bsd,dhk->bshk")
-        cache = {"k": cache["k"].at[i, batch_index, positions].set(k.astype(cache["k"].dtype)),
-                 "v": cache["v"].at[i, batch_index, positions].set(v.astype(cache["v"].dtype))}
+        cache = cache.update(i, k, v, positions)
     return cache
 
 
@@ -95,7 +92,8 @@ class EarlyExitDecoder:
                          for a, b in zip(bounds, bounds[1:])]
         self.seg_configs = [dataclasses.replace(config, n_layers=b - a)
                             for a, b in zip(bounds, bounds[1:])]
-        self.caches = [init_cache(c, 1, cache_length, dtype) for c in self.seg_configs]
+        self.caches = [DenseKVCache.create(c, 1, cache_length, jnp.dtype(dtype).name)
+                       for c in self.seg_configs]
         self.layers_used: list[int] = []
 
     def step(self, tokens: list[int], start: int, threshold: float | None = None):
@@ -107,7 +105,8 @@ class EarlyExitDecoder:
         positions = start + jnp.arange(len(tokens), dtype=jnp.int32)[None]
         h = None
         for i, (seg, cfg) in enumerate(zip(self.segments, self.seg_configs)):
-            h, self.caches[i] = _segment(seg, ids, h, positions, self.caches[i], cfg, i == 0)
+            h, self.caches[i] = _segment(seg, ids, h, positions, self.caches[i], cfg, i == 0,
+                                         self.dtype)
             logits, confidence = _exit_logits(self.params, h, self.config)
             last = i == len(self.segments) - 1
             if not last and float(confidence[0]) >= threshold:
@@ -130,7 +129,7 @@ class EarlyExitDecoder:
             cache = jax.tree.map(jnp.zeros_like, self.caches[i])
             if i:
                 _fill_kv(seg["layers"], h, pos, jax.tree.map(jnp.zeros_like, cache), cfg)
-            h, _ = _segment(seg, ids, h, pos, cache, cfg, i == 0)
+            h, _ = _segment(seg, ids, h, pos, cache, cfg, i == 0, self.dtype)
             jax.block_until_ready(_exit_logits(self.params, h, self.config))
 
     @property

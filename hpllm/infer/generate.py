@@ -1,6 +1,6 @@
 """Single-stream generation with a dense KV cache (gpt-fast style): one jitted prefill, one
 jitted decode step reused for every token. The paged, batched engine builds on the same
-`forward(..., cache=...)` interface."""
+`forward(..., cache=...)` interface (hpllm.model.kv_cache)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 
 from hpllm.config import ModelConfig
-from hpllm.infer.sampling import _filter
-from hpllm.model.transformer import forward, init_cache, unstack_layers
+from hpllm.infer.sampling import _filter, pow2_bucket
+from hpllm.model.kv_cache import DenseKVCache
+from hpllm.model.transformer import forward, unstack_layers
 
 
 class PromptError(ValueError):
@@ -33,12 +34,6 @@ def sample_logits(logits, key, temperature: float = 1.0, top_k: int = 0, top_p: 
     return jax.random.categorical(key, logits, axis=-1)
 
 
-def _bucket(n: int, limit: int, smallest: int = 16) -> int:
-    """n rounded up to a power of two (at least `smallest`), capped at `limit`: one compiled
-    prefill and decode serve all prompt and cache lengths in a bucket."""
-    return min(limit, max(smallest, 1 << (n - 1).bit_length()))
-
-
 @functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
 def _prefill(params, tokens, length, cache, config, dtype):
     """Tokens are padded to a bucket; padding after the prompt writes cache slots that decode
@@ -57,9 +52,10 @@ def _decode(params, token, position, cache, config, dtype):
 
 def generate(params, config: ModelConfig, prompt: list[int], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             stop_ids=(), dtype=jnp.float32, kv_dtype: str | None = None):
-    """Yields new token ids one at a time (so callers can stream them).
-    kv_dtype="int8" keeps the KV cache as int8 with per-token-per-head scales."""
+             stop_ids=(), dtype=jnp.float32, kv_dtype: str = "float32"):
+    """Yields new token ids one at a time (so callers can stream them). `dtype` is the
+    compute dtype; kv_dtype (float32, bfloat16 or int8) the KV cache's: int8 keeps codes
+    with per-token-per-head scales."""
     if not prompt:
         raise PromptError("generate needs a non-empty prompt")
     end = min(len(prompt) + max_new_tokens, config.max_seq_len)
@@ -67,8 +63,9 @@ def generate(params, config: ModelConfig, prompt: list[int], max_new_tokens: int
         raise PromptError(f"prompt of {len(prompt)} tokens leaves no room in max_seq_len "
                           f"{config.max_seq_len}")
     params = unstack_layers(params)  # decode reads each layer's weights as its own array
-    cache = init_cache(config, 1, _bucket(end, config.max_seq_len, 256), dtype, kv_dtype)
-    padded = prompt + [0] * (_bucket(len(prompt), cache["k"].shape[2]) - len(prompt))
+    cache = DenseKVCache.create(config, 1, pow2_bucket(end, 256, config.max_seq_len), kv_dtype)
+    # one compiled prefill and decode serve all prompt and cache lengths in a bucket
+    padded = prompt + [0] * (pow2_bucket(len(prompt), 16, cache.length) - len(prompt))
     logits, cache = _prefill(params, jnp.asarray([padded], jnp.int32), jnp.int32(len(prompt)),
                              cache, config, dtype)
     key = jax.random.key(seed)

@@ -1,5 +1,6 @@
-"""Perplexity and bits per byte of a pretrained model on text (by default the held-out
-Shakespeare/Milton works of the training data split).
+"""Perplexity and bits per byte of a pretrained model on text (the CLI's default: the
+held-out Shakespeare/Milton works of the training data split,
+`hpllm.train.data.shakespeare_validation_texts`).
 
 Each document is cut into windows of `window` predicted tokens; window i reads tokens
 [iW, iW + W) and predicts [iW + 1, iW + W], so every token but a document's first is predicted
@@ -20,16 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from hpllm.model.transformer import forward
-
-
-def shakespeare_validation_texts() -> list[str]:
-    """The texts of the validation split that `hpllm train` holds out (default TrainConfig)."""
-    from hpllm.config import TrainConfig
-    from hpllm.train.data import load_documents, split_documents
-
-    tc = TrainConfig()
-    _, val = split_documents(load_documents(tc), tc.val_fraction, tc.seed)
-    return [d.text for d in val]
 
 
 def token_windows(token_lists: list[list[int]], window: int, max_tokens: int = 0):

@@ -119,9 +119,11 @@ class SamplingParams:
         return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
 
 
-def pow2_bucket(n: int, smallest: int = 1) -> int:
-    """n rounded up to a power of two, at least `smallest` (few compiled shapes)."""
-    return max(smallest, 1 << max(0, n - 1).bit_length())
+def pow2_bucket(n: int, smallest: int = 1, limit: int | None = None) -> int:
+    """n rounded up to a power of two, at least `smallest` and at most `limit` (few compiled
+    shapes: one serves every size in its bucket)."""
+    bucket = max(smallest, 1 << max(0, n - 1).bit_length())
+    return bucket if limit is None else min(limit, bucket)
 
 
 @dataclass

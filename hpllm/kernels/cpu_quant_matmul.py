@@ -18,6 +18,9 @@ HPLLM_CPU_KERNELS=0 turns the kernels off.
 
 x may be any float dtype: the kernels compute in float32 and return x.dtype. Gradients flow
 to x (dy @ W) and to the scales, through the XLA references; the integer codes get none.
+The int4 byte layout (`pack_int4`, `unpack_int4`) is defined here, beside the kernel that
+reads it; hpllm/quantized.py packs weights with it. Of hpllm this module imports only
+`hpllm.cache` (where the build is kept).
 """
 
 from __future__ import annotations
@@ -73,23 +76,23 @@ def _cpu_id() -> str:
     return f"{platform.machine()}|{flags}"
 
 
-def build(flags: tuple = NATIVE_FLAGS) -> pathlib.Path:
-    """The compiled kernel library for `flags`, built once per source, flags, compiler, jax
-    version and CPU. Written under a temporary name and renamed into place, so a concurrent
-    process never loads a half-written file."""
+def build(flags: tuple = NATIVE_FLAGS, source_path: pathlib.Path = SOURCE) -> pathlib.Path:
+    """The compiled library of `source_path` (default: these kernels) for `flags`, built once
+    per source, flags, compiler, jax version and CPU. Written under a temporary name and
+    renamed into place, so a concurrent process never loads a half-written file."""
     compiler = _compiler()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    source = SOURCE.read_bytes()
+    source = source_path.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                      jax.__version__.encode(), _cpu_id().encode()]))
-    out = cache_dir() / "kernels" / f"quant_matmul-{key.hexdigest()[:16]}.so"
+    out = cache_dir() / "kernels" / f"{source_path.stem}-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.stem, suffix=".tmp")
     os.close(fd)
     # -isystem: the FFI headers are not ours to keep warning-free
-    cmd = [compiler, *flags, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    cmd = [compiler, *flags, "-isystem", jax.ffi.include_dir(), str(source_path), "-o", tmp]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
@@ -156,6 +159,34 @@ def _suffix(variant: str) -> str:
     return _load(variant)
 
 
+# --------------------------------------------------------------------------- int4 layout
+# Two codes per byte, q + 8 in the low nibble for even k and the high nibble for odd k, along
+# the contiguous K axis; each group of `group_size` consecutive k shares one float32 scale,
+# and K is padded with zero codes to whole groups (Kp).
+
+def pack_int4(q):
+    """int codes in [-8, 7], (..., K) with K even -> uint8 (..., K / 2), two per byte."""
+    if q.shape[-1] % 2:
+        raise KernelError(f"pack_int4 needs an even last axis, got {q.shape}")
+    u = (q.astype(jnp.int32) + 8).astype(jnp.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed):
+    """uint8 (..., K / 2) -> int8 codes (..., K) in [-8, 7]; exact inverse of pack_int4."""
+    low = (packed & 0x0F).astype(jnp.int8) - 8
+    high = (packed >> 4).astype(jnp.int8) - 8
+    return jnp.stack([low, high], axis=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+def dequantize_int4(packed, scale, k: int, group_size: int, dtype=jnp.float32):
+    """The float (..., N, k) matrix of `packed` (..., N, Kp / 2) with per-group `scale`
+    (..., N, Kp / group_size); the padding columns beyond k are dropped."""
+    codes = unpack_int4(packed).astype(jnp.float32)
+    groups = codes.reshape(*codes.shape[:-1], -1, group_size) * scale[..., None]
+    return groups.reshape(*codes.shape)[..., :k].astype(dtype)
+
+
 # ---------------------------------------------------------------------------- references
 
 def int8_matmul_reference(x, q, scale):
@@ -167,9 +198,7 @@ def int8_matmul_reference(x, q, scale):
 def int4_matmul_reference(x, packed, scale, group_size: int):
     """x (M, K) f32 @ the int4 matrix (packed (N, Kp / 2), scale (N, Kp / group_size))^T,
     dequantized in XLA; padding columns beyond K are dropped."""
-    from hpllm.compress.quantize import dequantize_nk
-
-    w = dequantize_nk(packed, scale, None, "int4", x.shape[-1], group_size)
+    w = dequantize_int4(packed, scale, x.shape[-1], group_size)
     return jnp.einsum("mk,nk->mn", x, w, precision="highest")
 
 
@@ -253,7 +282,7 @@ def int8_matmul(x, q, scale, *, variant: str = "native"):
 
 def int4_matmul(x, packed, scale, k: int, group_size: int, *, variant: str = "native"):
     """x (..., k) @ W^T with W the int4 (N, k) matrix of `packed` (N, Kp / 2) uint8 (as
-    hpllm.compress.quantize.pack_int4 packs codes + 8) and `scale` (N, Kp / group_size),
+    `pack_int4` packs codes + 8) and `scale` (N, Kp / group_size),
     Kp = k padded to whole groups: (..., N) in x.dtype, computed in float32."""
     if packed.dtype != jnp.uint8 or packed.ndim != 2:
         raise KernelError(f"int4_matmul: packed must be uint8 (N, Kp / 2), got "

@@ -5,17 +5,14 @@ Each of the `num_splits` chunks yields its softmax-normalised partial output o_c
 log-sum-exp lse_c of its scores; the full result is sum_c w_c o_c with
 w_c = exp(lse_c - logsumexp_c(lse_c)). Plain decode attention (the reference) has only
 B x heads x queries rows of work, too few to keep a machine busy when T is long; the split
-adds a parallel axis of size num_splits. Same masking contract as `hpllm.model.attention`.
+adds a parallel axis of size num_splits. Same masking contract as `hpllm.kernels.masking`.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from hpllm.kernels.flash_attention import pad_to
-from hpllm.model.attention import visible
-
-_NEG = -1e30
+from hpllm.kernels.masking import NEG_INF, pad_to, visible
 
 
 def flash_decode(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None, num_splits: int = 8):
@@ -36,17 +33,17 @@ def flash_decode(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None, num_spli
     mask = visible(q_pos[:, None, :, None], pc[:, :, None, :], q_seg[:, None, :, None],
                    sc[:, :, None, :], window)  # (B, n, S, chunk)
     mask = mask[:, :, None, None]  # (B, n, 1, 1, S, chunk)
-    scores = jnp.where(mask, scores, _NEG)
+    scores = jnp.where(mask, scores, NEG_INF)
     m = scores.max(-1)  # (B, n, K, G, S)
     p = jnp.where(mask, jnp.exp(scores - m[..., None]), 0.0)
     l = p.sum(-1)
     partial = jnp.einsum("bckgqt,bctkd->bckgqd", p.astype(v.dtype), vc,
                          preferred_element_type=jnp.float32)
     partial = partial / jnp.where(l > 0, l, 1.0)[..., None]
-    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), _NEG)  # empty chunk: weight 0
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG_INF)  # empty chunk: weight 0
     # Merge the chunks: weights exp(lse_c - max) renormalised; rows seeing nothing give 0.
     top = lse.max(axis=1, keepdims=True)
-    w = jnp.where(lse > _NEG / 2, jnp.exp(lse - top), 0.0)
+    w = jnp.where(lse > NEG_INF / 2, jnp.exp(lse - top), 0.0)
     total = w.sum(axis=1)
     out = (partial * w[..., None]).sum(axis=1) / jnp.where(total > 0, total, 1.0)[..., None]
     # (B, K, G, S, D) -> (B, S, H, D)

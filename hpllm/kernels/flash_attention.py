@@ -7,13 +7,13 @@ recomputes each score block (custom VJP): memory is O(S) instead of O(S·T).
 
 Blocks that the mask hides entirely (above the causal diagonal, outside a sliding window,
 or in no shared segment) are skipped with `lax.cond`, judged from per-block position and
-segment ranges. Masking follows `hpllm.model.attention`: a query may see a key iff
+segment ranges. Masking follows `hpllm.kernels.masking`: a query may see a key iff
 kv_pos <= q_pos, the segment ids are equal and non-zero, and (with a window w)
 q_pos - kv_pos < w. Grouped-query attention reads each K/V head in place for its group of
 query heads. Inputs may be bfloat16; scores, softmax statistics and accumulators are float32.
 Any lengths: the inputs are padded to whole blocks (padding keys get segment 0).
 
-The reference it is tested against is `hpllm.model.attention.reference_attention`.
+The reference it is tested against is `hpllm.kernels.masking.reference_attention`.
 """
 
 from __future__ import annotations
@@ -23,19 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from hpllm.model.attention import visible
-
-_NEG = -1e30
-
-
-def pad_to(x, multiple: int, axis: int, value=0):
-    """x padded with `value` along `axis` to a multiple of `multiple`."""
-    pad = (-x.shape[axis]) % multiple
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths, constant_values=value)
+from hpllm.kernels.masking import NEG_INF, block_visible, pad_to, visible
 
 
 def _blocks(x, size: int):
@@ -54,21 +42,6 @@ def _mask(qp, kp, qs, ks, window):
     return visible(qp[:, :, None], kp[:, None, :], qs[:, :, None], ks[:, None, :], window)
 
 
-def block_visible(qp, kp, qs, ks, window):
-    """Whether any (query, key) pair of a block pair can be visible, from ranges only (any
-    shapes: only min/max are taken). A block of padding keys only has its key-position
-    minimum at the int maximum, so it is never visible."""
-    valid = ks != 0
-    kp_min = jnp.min(jnp.where(valid, kp, jnp.iinfo(kp.dtype).max))
-    kp_max = jnp.max(jnp.where(valid, kp, jnp.iinfo(kp.dtype).min))
-    ks_min = jnp.min(jnp.where(valid, ks, jnp.iinfo(ks.dtype).max))
-    ks_max = jnp.max(jnp.where(valid, ks, jnp.iinfo(ks.dtype).min))
-    ok = (kp_min <= jnp.max(qp)) & (ks_min <= jnp.max(qs)) & (ks_max >= jnp.min(qs))
-    if window is not None:
-        ok &= (jnp.min(qp) - kp_max) < window
-    return ok
-
-
 def _scores(q, k, scale):
     # q (B, bq, K, G, D), k (B, bk, K, D) -> (B, K, G, bq, bk) float32
     return jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32) * scale
@@ -81,8 +54,8 @@ def _forward_blocks(qb, kb, vb, qpb, kpb, qsb, ksb, scale, window):
     def one_query_block(args):
         q, qp, qs = args  # (B, bq, K, G, D), (B, bq), (B, bq)
         b, bq, kh, g, d = q.shape
-        init = (jnp.full((b, kh, g, bq), _NEG, jnp.float32), jnp.zeros((b, kh, g, bq), jnp.float32),
-                jnp.zeros((b, kh, g, bq, d), jnp.float32))
+        init = (jnp.full((b, kh, g, bq), NEG_INF, jnp.float32),
+                jnp.zeros((b, kh, g, bq), jnp.float32), jnp.zeros((b, kh, g, bq, d), jnp.float32))
 
         def step(carry, j):
             k, v, kp, ks = kb[j], vb[j], kpb[j], ksb[j]
@@ -90,7 +63,7 @@ def _forward_blocks(qb, kb, vb, qpb, kpb, qsb, ksb, scale, window):
             def update(carry):
                 m, l, acc = carry
                 mask = _mask(qp, kp, qs, ks, window)[:, None, None]
-                s = jnp.where(mask, _scores(q, k, scale), _NEG)
+                s = jnp.where(mask, _scores(q, k, scale), NEG_INF)
                 m_new = jnp.maximum(m, s.max(-1))
                 p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
                 alpha = jnp.exp(m - m_new)
@@ -103,7 +76,8 @@ def _forward_blocks(qb, kb, vb, qpb, kpb, qsb, ksb, scale, window):
 
         (m, l, acc), _ = jax.lax.scan(step, init, jnp.arange(nk))
         out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
-        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -_NEG)  # rows seeing nothing
+        # rows seeing nothing: a huge lse, so exp(s - lse) = 0 in the backward pass
+        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -NEG_INF)
         return out, lse  # (B, K, G, bq, D), (B, K, G, bq)
 
     return jax.lax.map(one_query_block, (qb, qpb, qsb))

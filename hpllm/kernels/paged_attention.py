@@ -6,7 +6,7 @@ position j. A query at position p sees slots 0..p (causal; the slots past a sequ
 are never visible because their positions exceed every query's). Unused table entries may
 point anywhere (the engine uses block 0, a reserved null block). A query with position -1
 is padding: it sees nothing and returns zeros. Every query position must lie inside its
-table (p < M * block_size). Masking goes through `hpllm.model.attention.visible` with one
+table (p < M * block_size). Masking goes through `hpllm.kernels.masking.visible` with one
 segment, so a sliding window means what it means everywhere else.
 
 Three implementations of that contract:
@@ -44,11 +44,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from hpllm.kernels.flash_attention import pad_to
+from hpllm.kernels.masking import NEG_INF, pad_to, reference_attention, visible
 from hpllm.kernels.pallas_attention import _call_options, _dot, _next_pow2, default_target
-from hpllm.model.attention import reference_attention, visible
 
-_NEG = -1e30
 _INT_MAX = jnp.iinfo(jnp.int32).max
 
 
@@ -126,7 +124,7 @@ def paged_attention_online(q, k_pages, v_pages, block_tables, q_pos, *, window=N
         mask = _sees(qp, c * per * bs + jnp.arange(per * bs, dtype=jnp.int32), window)
         scores = jnp.einsum("bskgd,btkd->bkgst", qg, k,
                             preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(mask, scores, _NEG)
+        scores = jnp.where(mask, scores, NEG_INF)
         m_new = jnp.maximum(m, scores.max(-1))
         p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
         alpha = jnp.exp(m - m_new)
@@ -134,8 +132,8 @@ def paged_attention_online(q, k_pages, v_pages, block_tables, q_pos, *, window=N
                         preferred_element_type=jnp.float32)
         return m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + pv
 
-    init = (jnp.full((b, n_kv, g, s), _NEG, jnp.float32), jnp.zeros((b, n_kv, g, s), jnp.float32),
-            jnp.zeros((b, n_kv, g, s, d), jnp.float32))
+    init = (jnp.full((b, n_kv, g, s), NEG_INF, jnp.float32),
+            jnp.zeros((b, n_kv, g, s), jnp.float32), jnp.zeros((b, n_kv, g, s, d), jnp.float32))
     _, l, acc = lax.fori_loop(step_lo, step_hi, step, init)
     out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
     return jnp.moveaxis(out, 3, 1).reshape(b, s, h, d).astype(q.dtype)  # (B,K,G,S,D) -> (B,S,H,D)
@@ -149,7 +147,7 @@ def _online_update(q, k, v, kp, qp, carry, scale, window):
     m, l, acc = carry
     k, v = k.astype(q.dtype), v.astype(q.dtype)  # a pool stored narrower than the queries
     mask = _sees(qp, kp, window)
-    s = jnp.where(mask, _dot(q, k, trans_b=True) * scale, _NEG)
+    s = jnp.where(mask, _dot(q, k, trans_b=True) * scale, NEG_INF)
     m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
     p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
     alpha = jnp.exp(m - m_new)
@@ -177,7 +175,7 @@ def _loop_kernel(lo_ref, hi_ref, tables_ref, qp_ref, q_ref, k_ref, v_ref, o_ref,
         kp = c * t + lax.broadcasted_iota(jnp.int32, (1, t), 1)
         return _online_update(q, k, v, kp, qp, carry, scale, window)
 
-    init = (jnp.full((rows, 1), _NEG, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
+    init = (jnp.full((rows, 1), NEG_INF, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
             jnp.zeros((rows, d), jnp.float32))
     _, l, acc = lax.fori_loop(lo_ref[0], hi_ref[0], body, init)
     o_ref[...] = _finish(l, acc, o_ref.dtype)
@@ -195,7 +193,7 @@ def _prefetch_kernel(tables_ref, lo_ref, hi_ref, qp_ref, q_ref, k_ref, v_ref, o_
 
     @pl.when(j == 0)
     def _():
-        m_ref[...] = jnp.full(m_ref.shape, _NEG, jnp.float32)
+        m_ref[...] = jnp.full(m_ref.shape, NEG_INF, jnp.float32)
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 

@@ -13,7 +13,7 @@ K/V head h // group. dK/dV are produced per query head and summed over each grou
 the kernel (one small reduction instead of atomics). Blocks the mask hides entirely (above
 the causal diagonal, outside the window, no shared segment) are skipped with `lax.cond`
 judged from the block's position and segment ranges, as in the pure-JAX version; masking
-follows `hpllm.model.attention` (positions and segment ids, segment 0 = padding).
+follows `hpllm.kernels.masking` (positions and segment ids, segment 0 = padding).
 
 The kernels use only portable Pallas (ref slicing, `jnp.dot`, `lax.fori_loop`, `lax.cond`),
 so they lower with the GPU (Triton) backend and run on CPU with `interpret=True`, which is
@@ -32,10 +32,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from hpllm.kernels.flash_attention import block_visible, pad_to
-from hpllm.model.attention import visible
+from hpllm.kernels.masking import NEG_INF, block_visible, pad_to, visible
 
-_NEG = -1e30
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -65,7 +64,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, o_ref, 
         def update(carry):
             m, l, acc = carry
             mask = visible(qp, kp, qs, ks, window)
-            s = jnp.where(mask, _dot(q, k_ref[sl, :], trans_b=True) * scale, _NEG)
+            s = jnp.where(mask, _dot(q, k_ref[sl, :], trans_b=True) * scale, NEG_INF)
             m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
             p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
             alpha = jnp.exp(m - m_new)
@@ -75,13 +74,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, o_ref, 
 
         return lax.cond(block_visible(qp, kp, qs, ks, window), update, lambda c: c, carry)
 
-    init = (jnp.full((bq, 1), _NEG, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
+    init = (jnp.full((bq, 1), NEG_INF, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
             jnp.zeros((bq, d), jnp.float32))
     m, l, acc = lax.fori_loop(0, k_ref.shape[0] // block_k, body, init)
     seen = l > 0
     safe_l = jnp.where(seen, l, 1.0)
     o_ref[...] = jnp.where(seen, acc / safe_l, 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(safe_l), -_NEG)  # nothing seen: p = 0 later
+    lse_ref[...] = jnp.where(seen, m + jnp.log(safe_l), -NEG_INF)  # nothing seen: p = 0 later
 
 
 # ---------------------------------------------------------------- backward
@@ -222,6 +221,9 @@ def _bwd(block_q, block_k, window, target, residuals, d_out):
     sp, tp, dp = qh.shape[2], kh.shape[2], qh.shape[3]
     doh = pad_to(pad_to(jnp.swapaxes(d_out, 1, 2), bq, 2), dp, 3)
     # delta_i = dO_i . O_i, the softmax-gradient correction per query row (padding rows: 0).
+    # It equals rowsum(P * dP) (what autodiff of a softmax uses) but needs no pass over the
+    # keys first, as in FlashAttention-2; the two cancel in dP - delta only to rounding, so
+    # a row seeing one key gets dS ~ eps |dP| rather than the exact 0.
     delta = jnp.einsum("bshd,bshd->bhs", d_out.astype(jnp.float32), o.astype(jnp.float32))
     delta = pad_to(delta, bq, 2)[..., None]
     scale = d ** -0.5

@@ -3,7 +3,8 @@
 import jax
 import jax.numpy as jnp
 
-from hpllm.compress.quantize import project
+from hpllm.parallel.tensor_parallel import column_parallel, row_parallel
+from hpllm.quantized import project
 
 
 def rms_norm(x, weight, eps):
@@ -34,8 +35,10 @@ def apply_rope(x, cos, sin):
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def swiglu(x, w_gate, w_up, w_down):
-    """Shazeer's SwiGLU MLP: down(silu(x @ gate) * (x @ up))."""
-    gate = project(x, w_gate, "bsd,df->bsf")  # einsum, or a quantized weight's matmul
-    up = project(x, w_up, "bsd,df->bsf")
-    return project(jax.nn.silu(gate) * up, w_down, "bsf,fd->bsd")
+def swiglu(x, w_gate, w_up, w_down, *, ring: bool = False):
+    """Shazeer's SwiGLU MLP: down(silu(x @ gate) * (x @ up)). `project`: an einsum, or a
+    quantized weight's matmul; `ring`: the tensor-parallel ring collective matmuls where
+    the sharding rules split the sequence (gate and up share one gather)."""
+    gate, up = column_parallel(x, (w_gate, w_up), "bsd,df->bsf", ring=ring, project=project)
+    return row_parallel(jax.nn.silu(gate) * up, w_down, "bsf,fd->bsd", ring=ring,
+                        project=project)

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from hpllm.parallel.sharding import context_mesh
+
 # Mesh axes the tokens (batch rows) are split over inside the expert-parallel layer: the
 # expert axis doubles as a data-parallel axis outside the experts (GShard).
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -118,16 +120,6 @@ def _moe_local(x, w, config, expert_axis: str | None = None):
     if expert_axis is not None:
         ye = jax.lax.all_to_all(ye, expert_axis, 0, 1, tiled=True)
     return combine(ye, top_e, pos, kept, weights), routing_stats(probs, top_e, kept, e)
-
-
-def context_mesh():
-    """The mesh of the step being traced: the sharding rules' (`hpllm.parallel.sharding.
-    use_rules`, as the training step sets them) or else `jax.set_mesh`'s; None without."""
-    from hpllm.parallel.sharding import active_rules
-
-    active = active_rules()
-    mesh = active[0] if active is not None else jax.sharding.get_abstract_mesh()
-    return None if mesh.empty else mesh
 
 
 def _expert_mesh():

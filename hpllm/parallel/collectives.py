@@ -105,39 +105,48 @@ def ring_all_reduce(x, axis_name: str, *, bidirectional: bool = False):
 
 # --------------------------------------------------------------------- collective matmuls
 
-def all_gather_matmul(x, w, axis_name: str):
-    """all_gather(x, axis 0) @ w without waiting for the whole gather.
+def all_gather_matmul(x, w, axis_name: str, *, axis: int = 0, matmul=jnp.matmul):
+    """matmul(all_gather(x, axis), w) without waiting for the whole gather.
 
-    x: the local (M/n, K) row block; w: (K, N) local weights (e.g. a column shard in tensor
+    x: the local block, split along `axis` over the ring (e.g. (M/n, K) rows, or a
+    (B, S/n, D) sequence block); w: the local weights (e.g. a column shard in tensor
     parallelism). Each step multiplies the block in hand while the next block travels, so
-    the n-1 hops hide behind n-1 of the n matmuls. Returns (M, N).
+    the n-1 hops hide behind n-1 of the n matmuls. `matmul(block, w)` must keep the gathered
+    dimension at index `axis` of its result (the leading dims of an einsum do), where the
+    n products are placed: the result is matmul(full x, w).
     """
     n = jax.lax.axis_size(axis_name)
     idx = jax.lax.axis_index(axis_name)
-    rows = x.shape[0]
-    out = jnp.zeros((n * rows, w.shape[1]), jnp.result_type(x, w))
+    size = x.shape[axis]
+    part = jax.eval_shape(matmul, x, w)
+    shape = list(part.shape)
+    shape[axis] *= n
+    out = jnp.zeros(shape, part.dtype)
     block = x
     for s in range(n):
         nxt = _shift(block, axis_name, n, +1) if s < n - 1 else None  # in flight during dot
-        out = jax.lax.dynamic_update_slice_in_dim(out, block @ w, ((idx - s) % n) * rows, 0)
+        out = jax.lax.dynamic_update_slice_in_dim(out, matmul(block, w),
+                                                  ((idx - s) % n) * size, axis)
         block = nxt
     return out
 
 
-def matmul_reduce_scatter(x, w, axis_name: str):
-    """psum_scatter(x @ w, scatter rows) without forming the full partial product first.
+def matmul_reduce_scatter(x, w, axis_name: str, *, axis: int = 0, matmul=jnp.matmul):
+    """psum_scatter(matmul(x, w), scatter `axis`) without forming the full partial product.
 
-    x: (M, K/n) with K sharded; w: (K/n, N). Each device's partial product for row block c
-    is computed just before the running sum for block c passes through it, so every hop
-    overlaps the next block's matmul. Returns this device's (M/n, N) block of the sum.
+    x: e.g. (M, K/n) with K sharded and w (K/n, N): each device holds a partial sum of the
+    whole product. Each device's partial product for block c of `axis` (of x, and of the
+    result, which `matmul` must keep in place) is computed just before the running sum for
+    block c passes through it, so every hop overlaps the next block's matmul. Returns this
+    device's block of the sum (block `axis_index` along `axis`).
     """
     n = jax.lax.axis_size(axis_name)
     idx = jax.lax.axis_index(axis_name)
-    _check_divisible(x.shape[0], n, 0)
-    rows = x.shape[0] // n
+    _check_divisible(x.shape[axis], n, axis)
+    size = x.shape[axis] // n
 
-    def partial(c):  # this device's contribution to row block c
-        return jax.lax.dynamic_slice_in_dim(x, c * rows, rows, 0) @ w
+    def partial(c):  # this device's contribution to block c
+        return matmul(jax.lax.dynamic_slice_in_dim(x, c * size, size, axis), w)
 
     acc = partial((idx - 1) % n)
     for s in range(1, n):

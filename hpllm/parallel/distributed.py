@@ -118,25 +118,10 @@ def global_batch(rows_fn: Callable[[int, int], Mapping[str, np.ndarray]], batch_
     return out
 
 
-def batch_rows(dataset, step: int, start: int, stop: int) -> dict[str, np.ndarray]:
-    """Rows start..stop of `dataset.batch_at(step)` (hpllm.train.data.PackedDataset),
-    built without the others: the windows of those rows only."""
-    from hpllm.train.data import _windows
-
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    rows = np.arange(start, stop)
-    epoch, offset = np.divmod(step * dataset.batch_size + rows, dataset.n_windows)
-    window = np.empty(len(rows), np.int64)
-    for e in np.unique(epoch):
-        window[epoch == e] = dataset.window_order(e)[offset[epoch == e]]
-    return _windows(dataset.tokens, dataset.segment_ids, window * dataset.seq_len,
-                    dataset.seq_len, dataset.pad_id, dataset.token_bytes)
-
-
 def sharded_batches(dataset, sharding: jax.sharding.Sharding) -> Callable[[int], dict]:
-    """step -> the training batch of `step` as global arrays; each process builds its rows."""
-    return lambda step: global_batch(lambda a, b: batch_rows(dataset, step, a, b),
+    """step -> the training batch of `step` as global arrays; each process builds its rows
+    (`dataset.batch_at(step, start, stop)`, as hpllm.train.data.PackedDataset has it)."""
+    return lambda step: global_batch(lambda a, b: dataset.batch_at(step, a, b),
                                      dataset.batch_size, sharding)
 
 

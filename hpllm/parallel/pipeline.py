@@ -16,7 +16,8 @@ Only "stage" is manual inside the pipeline; the other mesh axes (data, fsdp, ten
 stay under the sharding rules, so data/FSDP/tensor/expert parallelism compose with it.
 Microbatch m is rows m, m+M, m+2M, ... of the batch, so each device's rows spread evenly over
 microbatches and splitting the batch moves no data. The embedding and the output projection
-run outside the pipeline on every stage (as `forward` with no layers).
+run outside the pipeline on every stage. The schedule knows nothing of the model: it runs
+whatever stack function it is given (the training step passes the model's decoder stack).
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from hpllm.config import ModelConfig
-from hpllm.model.moe import context_mesh
+from hpllm.parallel import sharding
 
 AXIS = "stage"
 
@@ -97,7 +97,7 @@ def gpipe(stage_fn, stage_params, x, extras, *, microbatches: int, mesh=None):
     extras (pytree of (B, ...)) with B divisible by `microbatches`. Returns y (B, ...), the
     stats summed over microbatches and concatenated over stages on their leading axis, and
     busy (P,): the time steps each stage did real work (the rest of M+P-1 is bubble)."""
-    mesh = mesh if mesh is not None else context_mesh()
+    mesh = mesh if mesh is not None else sharding.context_mesh()
     if mesh is None or AXIS not in mesh.axis_names:
         raise ValueError("gpipe needs a mesh with a 'stage' axis (jax.set_mesh or the "
                          "sharding rules of the training step)")
@@ -115,44 +115,29 @@ def _rules_inside_stage():
     """The training step's sharding rules (if any) re-targeted at the mesh as seen inside the
     stage's shard_map, where "stage" is manual: the activation constraints of the other axes
     then still apply, and name no axis that is manual here."""
-    from hpllm.parallel import sharding
-
     active = sharding.active_rules()
     if active is None:
         return contextlib.nullcontext()
     return sharding.use_rules(jax.sharding.get_abstract_mesh(), active[1])
 
 
-def _no_layers(params):
-    return {**params, "layers": jax.tree.map(lambda a: a[:0], params["layers"])}
-
-
-def pipeline_forward(params, tokens, positions, config: ModelConfig, *, microbatches: int,
-                     segment_ids=None, dtype=jnp.float32, remat: str = "none", mesh=None):
-    """`forward` (training form: no cache) with the layers run as a GPipe pipeline over the
-    mesh's "stage" axis. Returns logits (B, S, V) and the MoE routing stats (None if dense)."""
-    from hpllm.model.transformer import forward
-
-    mesh = mesh if mesh is not None else context_mesh()
+def pipeline_layers(stack_fn, layers, x, extras, *, microbatches: int, mesh=None):
+    """`stack_fn(layers, x, extras) -> (x, stats)`, a function that runs a stack of layers
+    (leading axis L) over the activations x (B, ...), run as a GPipe pipeline over the mesh's
+    "stage" axis: stage p applies layers p L/P .. (p+1) L/P - 1 to each microbatch. extras
+    (pytree of (B, ...): positions, segment ids) go with their microbatch. Returns x and the
+    stats, as `stack_fn(layers, x, extras)` would (stats summed over microbatches)."""
+    mesh = mesh if mesh is not None else sharding.context_mesh()
     stages = mesh.shape[AXIS] if mesh is not None and AXIS in mesh.axis_names else 1
-    if config.n_layers % stages:
-        raise ValueError(f"n_layers ({config.n_layers}) is not divisible into {stages} stages")
-    if segment_ids is None:
-        segment_ids = jnp.ones(tokens.shape, jnp.int32)
-    kw = dict(dtype=dtype, remat=remat)
-    # embedding (forward with no layers, stopped before the output norm)
-    h, _ = forward(_no_layers(params), tokens, positions, config, output_hidden=True, **kw)
+    n_layers = jax.tree.leaves(layers)[0].shape[0]
+    if n_layers % stages:
+        raise ValueError(f"n_layers ({n_layers}) is not divisible into {stages} stages")
 
-    def stage_fn(layers, h, ex):
+    def stage_fn(stage_layers, x, ex):
         with _rules_inside_stage():
-            out = forward({"layers": layers}, ex["tokens"], ex["positions"], config,
-                          segment_ids=ex["segment_ids"], hidden=h, output_hidden=True,
-                          moe_stats=True, **kw)
-        return out[0], out[2]
+            return stack_fn(stage_layers, x, ex)
 
     by_stage = jax.tree.map(lambda a: a.reshape(stages, a.shape[0] // stages, *a.shape[1:]),
-                            params["layers"])
-    extras = {"tokens": tokens, "positions": positions, "segment_ids": segment_ids}
-    h, stats, _ = gpipe(stage_fn, by_stage, h, extras, microbatches=microbatches, mesh=mesh)
-    logits, _ = forward(_no_layers(params), tokens, positions, config, hidden=h, **kw)
-    return logits, stats
+                            layers)
+    x, stats, _ = gpipe(stage_fn, by_stage, x, extras, microbatches=microbatches, mesh=mesh)
+    return x, stats

@@ -26,15 +26,14 @@ import contextlib
 import contextvars
 import functools
 import math
-import re
 from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from hpllm.config import Config, ModelConfig
+from hpllm.config import Config, ConfigError
+from hpllm.parallel.mesh import make_mesh
 
 Rules = Mapping[str, Sequence[str]]
 
@@ -51,9 +50,6 @@ RULES: dict[str, tuple[str, ...]] = {
     "experts": ("expert",),
     "stage": ("stage",),
 }
-# The same without sequence parallelism: the residual stream is replicated over tensor, and
-# each block ends in an all-reduce instead of reduce-scatter + all-gather.
-RULES_NO_SEQUENCE_PARALLEL = {**RULES, "seq": ()}
 
 
 def logical_spec(axes: Sequence[str | None], rules: Rules = RULES, *, mesh: Mesh | None = None,
@@ -95,56 +91,16 @@ def named_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int] 
                          memory_kind=memory_kind)
 
 
-def _model_config(config: Config | ModelConfig) -> ModelConfig:
-    return config.model if isinstance(config, Config) else config
-
-
-def param_shardings(config: Config | ModelConfig, mesh: Mesh, rules: Rules = RULES) -> dict:
-    """NamedSharding of every parameter (the tree of `init_params`)."""
-    from hpllm.model.transformer import param_axes, param_shapes
-
-    model = _model_config(config)
+def tree_shardings(mesh: Mesh, axes, shapes, rules: Rules = RULES):
+    """NamedSharding of every leaf of a tree, from the tree of its logical axis names (tuples,
+    e.g. `hpllm.model.transformer.param_axes`) and the tree of its shapes."""
     is_axes = lambda x: isinstance(x, tuple)  # noqa: E731 (the leaves are tuples of names)
-    return jax.tree.map(lambda axes, shape: named_sharding(mesh, axes, shape, rules),
-                        param_axes(model), param_shapes(model), is_leaf=is_axes)
+    return jax.tree.map(lambda a, shape: named_sharding(mesh, a, shape, rules), axes, shapes,
+                        is_leaf=is_axes)
 
 
 def replicated(mesh: Mesh, memory_kind: str | None = None) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(), memory_kind=memory_kind)
-
-
-def state_shardings(config: Config, mesh: Mesh, rules: Rules = RULES, *,
-                    opt_memory_kind: str | None = None) -> dict:
-    """NamedSharding of every leaf of the training state (`hpllm.train.step.init_state`):
-    optimizer moments as their parameter, counters replicated. `opt_memory_kind`
-    ("pinned_host") keeps the optimizer state in host memory where the backend has one."""
-    from hpllm.train.step import init_state, make_optimizer
-
-    shapes = jax.eval_shape(lambda: init_state(config, jax.random.key(0)))
-    params = param_shardings(config, mesh, rules)
-    if opt_memory_kind is not None:
-        params_opt = jax.tree.map(
-            lambda s: NamedSharding(mesh, s.spec, memory_kind=opt_memory_kind), params)
-    else:
-        params_opt = params
-    opt = optax.tree_map_params(make_optimizer(config.train), lambda _, s: s,
-                                shapes["opt_state"], params_opt,
-                                transform_non_params=lambda _: replicated(mesh, opt_memory_kind),
-                                is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-    jax.tree.map(lambda s, shape: s, opt, shapes["opt_state"])  # same tree, or raise here
-    return {"params": params, "opt_state": opt, "step": replicated(mesh),
-            "rng": replicated(mesh)}
-
-
-def init_sharded_state(config: Config, mesh: Mesh, key, rules: Rules = RULES, *,
-                       opt_memory_kind: str | None = None) -> dict:
-    """The training state created directly in its sharded layout: one jit whose outputs
-    are sharded, so no device ever holds a whole parameter it does not own (the random
-    numbers are the same whatever the sharding: JAX's partitionable threefry)."""
-    from hpllm.train.step import init_state
-
-    shardings = state_shardings(config, mesh, rules, opt_memory_kind=opt_memory_kind)
-    return jax.jit(init_state, static_argnums=0, out_shardings=shardings)(config, key)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules = RULES) -> NamedSharding:
@@ -180,6 +136,14 @@ def active_rules() -> tuple[Mesh, Rules] | None:
     return _ACTIVE.get()
 
 
+def context_mesh() -> Mesh | None:
+    """The mesh of the step being traced: the sharding rules' (`use_rules`, as the training
+    step sets them) or else `jax.set_mesh`'s; None without."""
+    active = _ACTIVE.get()
+    mesh = active[0] if active is not None else jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
 def constrain(x, logical_axes: Sequence[str | None]):
     """x with its sharding pinned to `logical_axes` under the active rules (else x itself)."""
     active = _ACTIVE.get()
@@ -213,9 +177,6 @@ def shard_batch(batch: Mapping[str, jnp.ndarray], mesh: Mesh, rules: Rules = RUL
 def training_mesh(config: Config) -> Mesh | None:
     """The mesh `config.mesh` describes, or None for one device in one process (the plain
     single-device step). Checks that the batch splits evenly over the batch axes."""
-    from hpllm.config import ConfigError
-    from hpllm.parallel.mesh import make_mesh
-
     mesh = make_mesh(config.mesh)
     if mesh.size == 1 and jax.process_count() == 1:
         return None
@@ -224,33 +185,3 @@ def training_mesh(config: Config) -> Mesh | None:
         raise ConfigError(f"batch_size ({config.train.batch_size}) must be divisible by the "
                           f"{ways} ways the mesh splits the batch (data x fsdp x expert)")
     return mesh
-
-
-# ---------------------------------------------------------------------- reading compiled HLO
-_COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-
-
-def hlo_collectives(hlo_text: str) -> dict[str, int]:
-    """Collective ops in compiled HLO text by kind (async -start halves counted once), plus
-    "all-reduce+slice": all-reduces whose result each device then slices to its own part.
-    That is how a reduce-scatter looks on XLA:CPU, whose pipeline lacks the pass that fuses
-    the pair into one reduce-scatter op (ReduceScatterCreator runs for GPU and TPU)."""
-    counts = {kind: len(re.findall(rf"^\s*%[\w.\-]+ = .*? {kind}(?:-start)?\(", hlo_text, re.M))
-              for kind in _COLLECTIVES}
-    bodies = dict(re.findall(r"^(%[\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.M | re.S))
-    reduced = set(re.findall(r"^\s*(%[\w.\-]+) = .*? all-reduce(?:-start|-done)?\(",
-                             hlo_text, re.M))
-    reduced |= {name for name, src in re.findall(
-        r"^\s*(%[\w.\-]+) = .*? get-tuple-element\((%[\w.\-]+)\)", hlo_text, re.M)
-        if src in reduced}
-    sliced = 0
-    for line in hlo_text.splitlines():
-        operands = set(re.findall(r"%[\w.\-]+", line.split("=", 1)[-1]))
-        if not operands & reduced or "all-reduce" in line.split("(")[0]:
-            continue
-        called = re.search(r"calls=(%[\w.\-]+)", line)
-        if "dynamic-slice(" in line or (called and "dynamic-slice(" in bodies.get(
-                called.group(1), "")):
-            sliced += 1
-    counts["all-reduce+slice"] = sliced
-    return counts

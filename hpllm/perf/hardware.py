@@ -1,22 +1,37 @@
 """What the hardware allows: a table of accelerator specs, and measured figures for CPUs.
 
 MFU and the roofline need a peak. For accelerators the vendor's dense (no-sparsity) figure is
-the convention; a CPU has no honest datasheet number for XLA, so we measure a large jitted
-matmul once per machine and dtype and cache the result under ~/.cache/hpllm.
+the convention; a CPU has no honest datasheet number for XLA, so we measure once per machine
+and cache the figures under ~/.cache/hpllm/hardware.json, with the load average and date of
+the measurement:
+
+- matmul peak per dtype: a large jitted matmul (XLA:CPU runs it on all cores);
+- read and copy bandwidth: a small C++ probe (kernels/csrc/memory_probe.cc, built like the
+  quantized-matmul kernels) with one thread per core, or NumPy in threads without a compiler.
+  A jitted reduction runs on one XLA thread and sees about half of what the cores can read.
+
+A measurement taken while other work runs (1-minute load average above half the cores) is
+used but not cached, unless forced: it would make every later prediction wrong.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
 import dataclasses
+import functools
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hpllm.cache import cache_dir
+from hpllm.kernels import cpu_quant_matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +49,22 @@ class Chip:
     # All interconnect bandwidth of a device, both directions of every link: the "W_ici" of
     # the FSDP/tensor-parallel compute-bound conditions.
     ici_bandwidth: float = 0.0
+    tdp_watts: float = 0.0  # board power at full load (0: not published); `hpllm cost`
+    # Measured on CPUs (0 elsewhere: not a term there). What XLA's dot reaches streaming a
+    # weight matrix beyond the caches at one row (decode's weight reads): often well under
+    # what the cores can read, which is what a better mat-vec kernel could gain.
+    matvec_bandwidth: float = 0.0
+    op_overhead_s: float = 0.0  # the runtime's cost per launched op (thunk) of a program
+    call_overhead_s: float = 0.0  # and per call of a jitted program
+    # The same chain through the CPU int8 kernel (bytes of codes + scales per second), and
+    # the FLOP/s of the chains at a few rows ({"float32"|"int8": {rows: FLOP/s}}): a
+    # batched decode step's matmuls, far below the large-matmul peak at 8 or 32 rows.
+    int8_matvec_bandwidth: float = 0.0
+    # The fixed cost of each weight dot at one row beyond streaming its bytes, XLA's and the
+    # int8 kernel's: it dominates a small model's projections (SmolLM2's are 0.1-3.5 MB).
+    matvec_dot_s: float = 0.0
+    int8_matvec_dot_s: float = 0.0
+    batched_flops: dict = dataclasses.field(default_factory=dict)
 
     def peak(self, dtype: str = "bfloat16") -> float:
         return self.peak_flops.get(dtype) or self.peak_flops["bfloat16"]
@@ -46,8 +77,9 @@ _T, _G = 1e12, 1e9
 # on v4/v5p (6 links) and a 2D torus on v5e/v6e (4 links).
 CHIPS = {
     "tpu-v4": Chip("TPU v4", {"bfloat16": 275 * _T, "int8": 275 * _T}, 32 * _G, 1228 * _G,
-                   45 * _G, "cloud.google.com/tpu/docs/v4", axis_bandwidth=90 * _G,
-                   ici_bandwidth=270 * _G),
+                   45 * _G, "cloud.google.com/tpu/docs/v4; power: Jouppi et al., ISCA 2023 "
+                   "(TPU v4 paper, max 192 W)", axis_bandwidth=90 * _G,
+                   ici_bandwidth=270 * _G, tdp_watts=192),
     "tpu-v5e": Chip("TPU v5e", {"bfloat16": 197 * _T, "int8": 394 * _T}, 16 * _G, 819 * _G,
                     45 * _G, "cloud.google.com/tpu/docs/v5e", axis_bandwidth=90 * _G,
                     ici_bandwidth=180 * _G),
@@ -59,27 +91,36 @@ CHIPS = {
                     ici_bandwidth=360 * _G),
     "a100": Chip("NVIDIA A100 SXM 80GB", {"bfloat16": 312 * _T, "float16": 312 * _T,
                                           "float32": 19.5 * _T, "tf32": 156 * _T},
-                 80 * _G, 2039 * _G, 300 * _G, "NVIDIA A100 datasheet (NVLink 600 GB/s bidir)",
-                 axis_bandwidth=300 * _G, ici_bandwidth=600 * _G),
+                 80 * _G, 2039 * _G, 300 * _G, "NVIDIA A100 datasheet (NVLink 600 GB/s bidir; "
+                 "SXM max TDP 400 W)", axis_bandwidth=300 * _G, ici_bandwidth=600 * _G,
+                 tdp_watts=400),
     "h100": Chip("NVIDIA H100 SXM", {"bfloat16": 989 * _T, "float16": 989 * _T,
                                      "float32": 67 * _T, "float8": 1979 * _T},
-                 80 * _G, 3350 * _G, 450 * _G, "NVIDIA H100 datasheet (NVLink 900 GB/s bidir)",
-                 axis_bandwidth=450 * _G, ici_bandwidth=900 * _G),
+                 80 * _G, 3350 * _G, 450 * _G, "NVIDIA H100 datasheet (NVLink 900 GB/s bidir; "
+                 "SXM max TDP 700 W)", axis_bandwidth=450 * _G, ici_bandwidth=900 * _G,
+                 tdp_watts=700),
     "h200": Chip("NVIDIA H200 SXM", {"bfloat16": 989 * _T, "float16": 989 * _T,
                                      "float32": 67 * _T, "float8": 1979 * _T},
-                 141 * _G, 4800 * _G, 450 * _G, "NVIDIA H200 datasheet (NVLink 900 GB/s bidir)",
-                 axis_bandwidth=450 * _G, ici_bandwidth=900 * _G),
+                 141 * _G, 4800 * _G, 450 * _G, "NVIDIA H200 datasheet (NVLink 900 GB/s bidir; "
+                 "SXM max TDP 700 W)", axis_bandwidth=450 * _G, ici_bandwidth=900 * _G,
+                 tdp_watts=700),
     "b200": Chip("NVIDIA B200", {"bfloat16": 2250 * _T, "float16": 2250 * _T,
                                  "float32": 75 * _T, "float8": 4500 * _T},
                  180 * _G, 7700 * _G, 900 * _G,
-                 "NVIDIA HGX B200 datasheet (NVLink5 1.8 TB/s bidir)",
-                 axis_bandwidth=900 * _G, ici_bandwidth=1800 * _G),
+                 "NVIDIA HGX B200 datasheet (NVLink5 1.8 TB/s bidir; 1000 W per GPU)",
+                 axis_bandwidth=900 * _G, ici_bandwidth=1800 * _G, tdp_watts=1000),
+    # AWS g5 instances (the course's serving example). NVIDIA publishes no A10G sheet; the
+    # figures are the A10's (same GA102 die and memory), PCIe Gen4 x16 between GPUs.
+    "a10g": Chip("NVIDIA A10G", {"bfloat16": 125 * _T, "float16": 125 * _T,
+                                 "float32": 31.2 * _T},
+                 24 * _G, 600 * _G, 32 * _G, "NVIDIA A10 datasheet (PCIe Gen4 64 GB/s bidir; "
+                 "150 W)", axis_bandwidth=32 * _G, ici_bandwidth=64 * _G, tdp_watts=150),
 }
 
 # device_kind strings as JAX reports them -> table key (first substring match wins).
 _KIND_PATTERNS = [("v5 lite", "tpu-v5e"), ("v5e", "tpu-v5e"), ("v5p", "tpu-v5p"), ("v5", "tpu-v5p"),
                   ("v6", "tpu-v6e"), ("v4", "tpu-v4"), ("a100", "a100"), ("h100", "h100"),
-                  ("h200", "h200"), ("b200", "b200"), ("gh200", "h200")]
+                  ("h200", "h200"), ("b200", "b200"), ("gh200", "h200"), ("a10g", "a10g")]
 
 
 def lookup(device_kind: str) -> Chip | None:
@@ -102,33 +143,207 @@ def time_calls(run, repeats: int) -> list[float]:
     return times
 
 
+MATMUL_DTYPES = ("float32", "bfloat16", "float16", "int8")
+
+
 def measure_matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
-    """Best-of-`repeats` FLOP/s of a jitted n×n×n matmul on the default device."""
+    """Best-of-`repeats` FLOP/s of a jitted n×n×n matmul on the default device (int8: int8
+    operands accumulated in int32, the ops of a quantized matmul)."""
     key = jax.random.key(0)
     a = jax.random.normal(key, (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32).astype(dtype)
-    matmul = jax.jit(jnp.matmul)
+    accumulate = jnp.int32 if dtype == "int8" else None
+    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=accumulate))
     return 2 * n**3 / min(time_calls(lambda: matmul(a, b), repeats))
 
 
-def measure_copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
-    """Bytes/s of a jitted copy (read + write counted) of a donated buffer."""
-    copy = jax.jit(lambda x: x * 1.0001, donate_argnums=0)  # donated: no fresh allocation
-    x = [jnp.ones((nbytes // 4,), jnp.float32)]
-
-    def run():
-        x[0] = copy(x[0])
-        return x[0]
-
-    return 2 * nbytes / min(time_calls(run, repeats))
+def cores() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
-def measure_read_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
-    """Bytes/s of a jitted reduction over a large array: reading only, like a decode step
-    streaming its weights (a copy also writes, and allocation makes fresh writes slower)."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    return nbytes / min(time_calls(lambda: total(x), repeats))
+PROBE_SOURCE = cpu_quant_matmul.SOURCE.parent / "memory_probe.cc"
+
+
+@functools.cache
+def _probe_library():
+    """The compiled memory probe (ctypes), or None without a working g++."""
+    try:
+        library = ctypes.CDLL(str(cpu_quant_matmul.build(
+            cpu_quant_matmul.NATIVE_FLAGS, PROBE_SOURCE)))
+    except (OSError, cpu_quant_matmul.KernelError):
+        return None
+    for fn in (library.hpllm_read_bandwidth, library.hpllm_copy_bandwidth):
+        fn.restype = ctypes.c_double
+        fn.argtypes = [ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+    return library
+
+
+def probe_method(method: str = "auto") -> str:
+    """"c++" when the compiled probe loads (and `method` allows it), else "numpy"."""
+    if method not in ("auto", "c++", "numpy"):
+        raise ValueError(f"probe method must be auto, c++ or numpy, got {method!r}")
+    if method == "numpy" or (method == "auto" and _probe_library() is None):
+        return "numpy"
+    if _probe_library() is None:
+        raise RuntimeError("the C++ memory probe could not be built (is g++ on PATH?)")
+    return "c++"
+
+
+def _numpy_threads(nbytes: int, threads: int, repeats: int, copy: bool) -> float:
+    """The portable probe: each thread reduces (or scales into a second buffer) its slice of
+    one array; NumPy releases the GIL inside both loops. Best seconds of one repeat."""
+    n = nbytes // 4
+    src = np.ones(n, np.float32)
+    dst = np.zeros(n, np.float32) if copy else None
+    bounds = [(n * t // threads, n * (t + 1) // threads) for t in range(threads)]
+
+    def work(b):
+        if copy:
+            np.multiply(src[b[0]:b[1]], np.float32(1.0001), out=dst[b[0]:b[1]])
+        else:
+            np.add.reduce(src[b[0]:b[1]])
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(work, bounds))  # warm: threads started, pages touched
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(work, bounds))
+            times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure_read_bandwidth(nbytes: int = 2**30, repeats: int = 5, threads: int = 0,
+                           method: str = "auto") -> float:
+    """Best bytes/s of reading `nbytes` (well beyond the caches) with one thread per core
+    (`threads` = 0) or `threads`: what a decode step streaming its weights can reach."""
+    threads = threads or cores()
+    if probe_method(method) == "c++":
+        return _probe_library().hpllm_read_bandwidth(nbytes, threads, repeats)
+    return nbytes / _numpy_threads(nbytes, threads, repeats, copy=False)
+
+
+def measure_copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5, threads: int = 0,
+                           method: str = "auto") -> float:
+    """Best bytes/s, read + write counted (as STREAM does), of dst = src * 1.0001 over two
+    `nbytes` buffers with one thread per core (`threads` = 0) or `threads`."""
+    threads = threads or cores()
+    if probe_method(method) == "c++":
+        return _probe_library().hpllm_copy_bandwidth(nbytes, threads, repeats)
+    return 2 * nbytes / _numpy_threads(nbytes, threads, repeats, copy=True)
+
+
+def _dot_chain(rows: int, nbytes: int, matrix_bytes: int, repeats: int, dtype: str = "float32",
+               int8: bool = False) -> tuple[float, float, int]:
+    """(weight bytes, best seconds, matrices) of a jitted chain of dependent (rows, K) @
+    (K, K) dots, each on its own matrix of `matrix_bytes` (a transformer layer's projection)
+    and `nbytes` in all (beyond the caches): XLA's dot in `dtype`, or with `int8` the CPU
+    int8 kernel (hpllm/kernels/cpu_quant_matmul.py; codes + float32 row scales as bytes)."""
+    itemsize = 1 if int8 else jnp.dtype(dtype).itemsize
+    k = int((matrix_bytes / itemsize) ** 0.5)
+    count = max(1, nbytes // matrix_bytes)
+    # Separate arrays, as a model's parameters are: slices of one stacked array would be
+    # fused into the dots, which XLA:CPU then runs as a plain loop. x stays at ones.
+    if int8:
+        ws = [(jnp.ones((k, k), jnp.int8), jnp.full((k,), 1 / k, jnp.float32))
+              for _ in range(count)]
+        x = jnp.ones((rows, k), jnp.float32)
+        chain = jax.jit(lambda x, ws: functools.reduce(
+            lambda y, w: cpu_quant_matmul.int8_matmul(y, *w), ws, x))
+    else:
+        ws = [jnp.full((k, k), 1 / k, dtype) for _ in range(count)]
+        x = jnp.ones((rows, k), dtype)
+        chain = jax.jit(lambda x, ws: functools.reduce(lambda y, w: y @ w, ws, x))
+    seconds = min(time_calls(lambda: chain(x, ws), repeats))
+    return sum(a.nbytes for a in jax.tree.leaves(ws)), seconds, count
+
+
+def measure_matvec(nbytes: int = 128 * 2**20, matrix_bytes: int = 4 * 2**20,
+                   small_bytes: int = 512 * 2**10, repeats: int = 7, dtype: str = "float32",
+                   int8: bool = False) -> tuple[float, float]:
+    """(weight bytes/s, seconds per dot) of decode's weight reads: one-row chains (see
+    _dot_chain) over the same `nbytes` in matrices of `matrix_bytes` and of `small_bytes`
+    (a small model's projection). The extra time of the chain of many small dots is a fixed
+    cost per dot (the kernel's fork/join over the cores, beyond XLA's launch of an op); the
+    rest streams at the returned rate. With `int8` the CPU int8 kernel's (0, 0 where it is
+    not available)."""
+    if int8 and not cpu_quant_matmul.available():
+        return 0.0, 0.0
+    big_bytes, big_s, big_n = _dot_chain(1, nbytes, matrix_bytes, repeats, dtype, int8)
+    _, small_s, small_n = _dot_chain(1, nbytes, small_bytes, repeats, dtype, int8)
+    per_dot = max(small_s - big_s, 0.0) / max(small_n - big_n, 1)
+    return big_bytes / (big_s - big_n * per_dot), per_dot
+
+
+# Rows (tokens) of the batched-decode dot chains: the engine pads a step's rows to a power of
+# two, up to its 32 sequences (and the int8 kernel takes up to 64 rows).
+BATCH_ROWS = (2, 4, 8, 16, 32, 64)
+
+
+def _layer_chain_flops(rows: int, nbytes: int, dim: int, int8: bool, repeats: int) -> float:
+    """FLOP/s of a jitted chain of a Llama layer's seven weight matmuls (q, k, v: dim to
+    dim, dim / 3 (grouped KV), dim / 3; o; gate, up to 8 dim / 3; down) at `rows` tokens,
+    each layer its own weights, `nbytes` in all; through XLA's float32 dot or the int8 kernel.
+    The thin KV and the long down projection run well below a square matmul's rate."""
+    kv, hidden = dim // 3, 8 * dim // 3
+    shapes = [(dim, dim), (dim, kv), (dim, kv), (dim, dim), (dim, hidden), (dim, hidden),
+              (hidden, dim)]  # (K, N)
+    per_layer = sum(k * n for k, n in shapes)
+    if int8:
+        def weight(k, n):
+            return jnp.ones((n, k), jnp.int8), jnp.full((n,), 1 / k, jnp.float32)
+
+        def mm(x, w):
+            return cpu_quant_matmul.int8_matmul(x, *w)
+    else:
+        def weight(k, n):
+            return jnp.full((k, n), 1 / k, jnp.float32)
+
+        def mm(x, w):
+            return x @ w
+    layers = [[weight(k, n) for k, n in shapes]
+              for _ in range(max(1, nbytes // (per_layer * (1 if int8 else 4))))]
+
+    def chain(x, layers):
+        for wq, wk, wv, wo, w_gate, w_up, w_down in layers:  # dependent, as in the model
+            side = jnp.sum(mm(x, wk)) + jnp.sum(mm(x, wv))
+            x = x + 1e-3 * mm(mm(x, wq), wo)
+            x = x + 1e-3 * mm(mm(x, w_gate) * mm(x, w_up), w_down) + 0 * side
+        return x
+
+    run = jax.jit(chain)
+    x = jnp.ones((rows, dim), jnp.float32)
+    return 2 * rows * per_layer * len(layers) / min(time_calls(lambda: run(x, layers), repeats))
+
+
+def measure_batched_flops(int8: bool = False, rows=BATCH_ROWS, nbytes: int = 128 * 2**20,
+                          dim: int = 768) -> dict:
+    """{rows (str): FLOP/s} of a batched decode step's weight matmuls: the chain of Llama
+    layers of `dim` (_layer_chain_flops) at each count of rows, float32 XLA dots or the int8
+    kernel; between streaming the weights (few rows) and the large-matmul peak (many).
+    Empty where the int8 kernel is unavailable."""
+    if int8 and not cpu_quant_matmul.available():
+        return {}
+    return {str(m): _layer_chain_flops(m, nbytes, dim, int8, 5) for m in rows}
+
+
+def measure_dispatch_overhead(ops: int = 256, repeats: int = 20) -> tuple[float, float]:
+    """(seconds per op, seconds per call) of XLA's runtime: jitted chains of `ops` and
+    2·`ops` dependent 8x8 dots, whose compute is negligible; the difference is the cost of
+    the extra ops, the rest the call's fixed cost."""
+    def chain_seconds(n):
+        ws = jnp.broadcast_to(jnp.eye(8, dtype=jnp.float32), (n, 8, 8))
+        run = jax.jit(lambda x, ws: functools.reduce(lambda y, w: y @ w, ws, x))
+        x = jnp.ones((8, 8), jnp.float32)
+        return min(time_calls(lambda: run(x, ws), repeats))
+
+    one, two = chain_seconds(ops), chain_seconds(2 * ops)
+    per_op = max(two - one, 0.0) / ops
+    return per_op, max(one - ops * per_op, 0.0)
 
 
 def measure_all_gather_bandwidth(nbytes: int = 64 * 2**20, repeats: int = 5) -> float | None:
@@ -157,56 +372,126 @@ def _meminfo_bytes() -> float:
     return 0.0
 
 
-def _cpu_fingerprint() -> str:
-    model = platform.processor() or platform.machine()
+def cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{model}|{os.cpu_count()}cpu|jax{jax.__version__}"
+    return platform.processor() or platform.machine()
 
 
-def measured_cpu(refresh: bool = False) -> Chip:
-    """This CPU's measured peaks (float32/bfloat16 matmul, copy bandwidth), cached per machine."""
+def _cpu_fingerprint() -> str:
+    return f"{cpu_name()}|{os.cpu_count()}cpu|jax{jax.__version__}"
+
+
+# Entries of older probes (one-thread reads, no load recorded; no int8-kernel, per-dot or
+# layer-shaped batched chains) are measured again.
+PROBE_VERSION = 4
+_UNCACHED: dict = {}  # fingerprint -> figures measured on a busy machine, this process only
+
+
+def load_average() -> tuple[float, float, float]:
+    """The 1-, 5- and 15-minute load averages (zeros where the OS has none)."""
+    try:
+        return os.getloadavg()
+    except (AttributeError, OSError):
+        return (0.0, 0.0, 0.0)
+
+
+def is_busy(load1: float, n_cores: int) -> bool:
+    """Other work is running: more than half the cores' worth of runnable threads."""
+    return load1 > n_cores / 2
+
+
+def measure_cpu(n_devices: int = 1, method: str = "auto") -> dict:
+    """Every figure of this CPU, with the load average when the measurement began."""
+    load, n = load_average(), cores()
+    entry = {dtype: measure_matmul_flops(dtype) for dtype in MATMUL_DTYPES}
+    per_op, per_call = measure_dispatch_overhead()
+    matvec, matvec_dot = measure_matvec()
+    int8_matvec, int8_dot = measure_matvec(int8=True)
+    entry.update(read_bandwidth=measure_read_bandwidth(method=method),
+                 matvec_bandwidth=matvec, matvec_dot_s=matvec_dot, op_overhead_s=per_op,
+                 call_overhead_s=per_call,
+                 int8_matvec_bandwidth=int8_matvec, int8_matvec_dot_s=int8_dot,
+                 batched_flops={"float32": measure_batched_flops(),
+                                "int8": measure_batched_flops(int8=True)},
+                 copy_bandwidth=measure_copy_bandwidth(method=method),
+                 probe=f"{probe_method(method)}, {n} threads", probe_version=PROBE_VERSION,
+                 cores=n, load_average=list(load), busy=is_busy(load[0], n),
+                 measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if n_devices > 1:
+        entry[f"all_gather_bandwidth_{n_devices}dev"] = measure_all_gather_bandwidth()
+    return entry
+
+
+def cpu_figures(refresh: bool = False, force: bool = False, log=None) -> dict:
+    """This CPU's measured figures: from the cache, else measured now and cached, unless the
+    machine is busy and not `force` (then kept for this process only, and `log` says so in
+    one line; default: stderr). The result's "cached" says which."""
     path = cache_dir() / "hardware.json"
     fingerprint = _cpu_fingerprint()
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
-    entry = cached.get(fingerprint)
+    entry = cached.get(fingerprint) or {}
     n_devices = len(jax.local_devices())
     gather_key = f"all_gather_bandwidth_{n_devices}dev"
-    if entry is None or refresh or "read_bandwidth" not in entry or (
-            n_devices > 1 and gather_key not in entry):
-        entry = {"float32": measure_matmul_flops("float32"),
-                 "bfloat16": measure_matmul_flops("bfloat16"),
-                 "copy_bandwidth": measure_copy_bandwidth(),
-                 "read_bandwidth": measure_read_bandwidth(),
-                 **{k: v for k, v in (entry or {}).items() if k.startswith("all_gather")},
-                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        if n_devices > 1:
-            entry[gather_key] = measure_all_gather_bandwidth()
-        cached[fingerprint] = entry
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(cached, indent=1))
-        tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    fresh = entry.get("probe_version") == PROBE_VERSION and (
+        n_devices == 1 or gather_key in entry)
+    if fresh and not refresh:
+        return dict(entry, cached=True)
+    if fingerprint in _UNCACHED and not refresh and not force:
+        return dict(_UNCACHED[fingerprint], cached=False)
+    measured = measure_cpu(n_devices)
+    if fresh:  # keep the all-gather figures of other device counts
+        measured = {**{k: v for k, v in entry.items() if k.startswith("all_gather")},
+                    **measured}
+    if measured["busy"] and not force:
+        _UNCACHED[fingerprint] = measured
+        (log or (lambda line: print(line, file=sys.stderr)))(
+            f"hpllm: not caching these figures: load average {measured['load_average'][0]:.2f}"
+            f" on {measured['cores']} cores (other work is running, so they read low); "
+            "measure again on an idle machine, or force it (`hpllm hw --refresh --force`)")
+        return dict(measured, cached=False)
+    cached[fingerprint] = measured
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(cached, indent=1))
+    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    return dict(measured, cached=True)
+
+
+def measured_cpu(refresh: bool = False, force: bool = False) -> Chip:
+    """This CPU as a Chip: measured peaks and all-core read bandwidth (see cpu_figures)."""
+    entry = cpu_figures(refresh, force)
+    n_devices = len(jax.local_devices())
+    gather_key = f"all_gather_bandwidth_{n_devices}dev"
     # XLA:CPU runs the dots of a bf16 program as float32 XNNPACK fusions (converts around
     # them), which beat its standalone bf16 matmul: the profile showed bf16 training matmuls
     # at 1.4x the measured bf16 peak. The peak a bf16 program can reach is the better of the
     # two, and dividing by it keeps MFU from being inflated.
     low = max(entry["bfloat16"], entry["float32"])
-    flops = {"float32": entry["float32"], "bfloat16": low, "float16": low}
+    flops = {"float32": entry["float32"], "bfloat16": low,
+             "float16": max(entry["float16"], entry["float32"]), "int8": entry["int8"]}
     gather = entry.get(gather_key, 0.0)
-    return Chip(f"CPU ({fingerprint.split('|')[0]})", flops, _meminfo_bytes(),
-                entry["read_bandwidth"], gather, f"measured {entry['measured_at']}: jitted "
-                f"2048^3 matmul, 512 MiB read (copy {entry['copy_bandwidth'] / 1e9:.1f} GB/s)"
+    load = entry["load_average"][0]
+    return Chip(f"CPU ({cpu_name()})", flops, _meminfo_bytes(),
+                entry["read_bandwidth"], gather, f"measured {entry['measured_at']} at load "
+                f"{load:.2f} on {entry['cores']} cores{' (busy: low)' if entry['busy'] else ''}:"
+                f" jitted 2048^3 matmul; 1 GiB read, {entry['probe']} "
+                f"(copy {entry['copy_bandwidth'] / 1e9:.1f} GB/s)"
                 + (f", all-gather over {n_devices} devices" if gather else ""),
-                measured=True, axis_bandwidth=gather, ici_bandwidth=gather)
+                measured=True, axis_bandwidth=gather, ici_bandwidth=gather,
+                matvec_bandwidth=entry["matvec_bandwidth"], op_overhead_s=entry["op_overhead_s"],
+                call_overhead_s=entry["call_overhead_s"],
+                int8_matvec_bandwidth=entry.get("int8_matvec_bandwidth", 0.0),
+                matvec_dot_s=entry.get("matvec_dot_s", 0.0),
+                int8_matvec_dot_s=entry.get("int8_matvec_dot_s", 0.0),
+                batched_flops=entry.get("batched_flops", {}))
 
 
 def current_chip() -> Chip:

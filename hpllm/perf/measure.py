@@ -4,28 +4,35 @@ predict-then-measure. Random weights and tokens: timing does not depend on their
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hpllm.compress.quantize import quantize_params
 from hpllm.config import Config, apply_overrides
+from hpllm.infer.paged_model import PagedModel
+from hpllm.infer.sampling import pow2_bucket
+from hpllm.model.kv_cache import DenseKVCache
+from hpllm.model.transformer import count_params, forward, init_params, unstack_layers
+from hpllm.perf import roofline, sizing
 from hpllm.perf.hardware import time_calls
+from hpllm.perf.profile import profile
 from hpllm.perf.roofline import Workload
+from hpllm.train.data import random_batch
+from hpllm.train.state import init_state
+from hpllm.train.step import jit_train_step
 
 
 def _median_seconds(run, repeats: int) -> float:
     return float(np.median(time_calls(run, repeats)))
 
 
-def measure_step(config: Config, workload: Workload, repeats: int = 5) -> float:
-    """Median seconds of one step of `workload` on the default device."""
-    from hpllm.model.transformer import forward, init_cache, init_params, unstack_layers
-
+def measure_step(config: Config, workload: Workload, repeats: int = 5, quant: str = "") -> float:
+    """Median seconds of one step of `workload` on the default device (inference: with the
+    matmul weights quantized by `quant`, as `--quant` loads a model)."""
     if workload.kind == "train":
-        from hpllm.train.data import random_batch
-        from hpllm.train.step import init_state, jit_train_step
-
         config = apply_overrides(config, {"batch_size": workload.batch,
                                           "seq_len": workload.seq_len})
         step = jit_train_step(config)
@@ -40,14 +47,18 @@ def measure_step(config: Config, workload: Workload, repeats: int = 5) -> float:
 
     dtype = jnp.dtype(config.train.compute_dtype)
     model = config.model
-    length = workload.context if workload.kind == "decode" else workload.seq_len
+    length = workload.context if workload.decoding else workload.seq_len
     if length > model.max_seq_len and model.pos_embedding == "learned":
         raise ValueError(f"length {length} exceeds max_seq_len {model.max_seq_len}")
     model = dataclasses.replace(model, max_seq_len=max(model.max_seq_len, length))
     params = init_params(model, jax.random.key(0), dtype)
+    if quant:
+        params = quantize_params(params, quant)
+    if workload.kind == "engine":
+        return _engine_step_seconds(params, model, workload, dtype, repeats)
     if workload.kind == "decode":
         params = unstack_layers(params)  # as generation runs it
-    cache = init_cache(model, workload.batch, length, dtype)
+    cache = DenseKVCache.create(model, workload.batch, length, dtype.name)  # KV in compute dtype
     if workload.kind == "prefill":
         tokens = jnp.zeros((workload.batch, workload.seq_len), jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(workload.seq_len), tokens.shape)
@@ -67,20 +78,37 @@ def measure_step(config: Config, workload: Workload, repeats: int = 5) -> float:
     return _median_seconds(run, repeats)
 
 
-def compare(config: Config, workload: Workload, chip, mesh=None, *, measure: bool = False,
-            repeats: int = 5) -> dict:
-    """Prediction (and, with `measure`, the measured median beside it) as text and JSON."""
-    from hpllm.model.transformer import count_params
-    from hpllm.perf import roofline, sizing
+def _engine_step_seconds(params, model, workload: Workload, dtype, repeats: int,
+                         block_size: int = 16) -> float:
+    """Median seconds of the paged engine's decode step (PagedModel.run, the device half of
+    EngineCore.step, with the host-to-device copies of its inputs): `batch` sequences of
+    `context` tokens, each in its own blocks, one new token each, padded as EngineCore pads
+    them (rows to a power of two, block tables to the width of the model's max_seq_len)."""
+    pages = -(-workload.context // block_size)
+    rows = pow2_bucket(workload.batch)
+    width = pow2_bucket(-(-model.max_seq_len // block_size), 4)
+    paged = PagedModel(params, model, 1 + workload.batch * pages, block_size, dtype,
+                       kv_dtype=dtype.name)
+    tables = np.zeros((rows, width), np.int32)  # block 0: the null block
+    tables[:workload.batch, :pages] = 1 + np.arange(workload.batch * pages).reshape(-1, pages)
+    tokens = np.zeros((rows, 1), np.int32)
+    positions = np.full((rows, 1), -1, np.int32)
+    positions[:workload.batch] = workload.context - 1
+    last = np.zeros(rows, np.int32)
+    return _median_seconds(lambda: paged.run(tokens, positions, tables, last), repeats)
 
+
+def compare(config: Config, workload: Workload, chip, mesh=None, *, measure: bool = False,
+            repeats: int = 5, quant: str = "") -> dict:
+    """Prediction (and, with `measure`, the measured median beside it) as text and JSON."""
     mesh = mesh or roofline.MeshShape()
     m = config.model
     pred = roofline.predict(m, workload, chip, mesh, param_dtype=config.train.param_dtype,
                             compute_dtype=config.train.compute_dtype, remat=config.train.remat,
-                            attention=m.attention, model_name=config.preset)
+                            attention=m.attention, model_name=config.preset, quant=quant)
     lines = [pred.table()]
     n_params = count_params(m)
-    length = workload.context if workload.kind == "decode" else workload.seq_len
+    length = workload.context if workload.decoding else workload.seq_len
     kv = sizing.kv_cache_bytes(m.n_layers, m.n_kv_heads, m.head_dim, length)
     sizes = [f"sizing: {n_params / 1e6:.2f}M params; bf16 KV cache {kv / 2**20:.2f} MiB per "
              f"{length}-token sequence"]
@@ -92,9 +120,11 @@ def compare(config: Config, workload: Workload, chip, mesh=None, *, measure: boo
                      f"tokens per chip per step; tensor parallelism compute-bound up to "
                      f"{sizing.tensor_parallel_max_degree(m.hidden_dim, chip):.2g}-way")
     lines.append("; ".join(sizes))
-    out = dict(pred.to_dict(), config=dataclasses.asdict(m))
+    out = dict(pred.to_dict(), config=dataclasses.asdict(m), quant=quant,
+               weight_bytes=sum(roofline.matmul_weight_bytes(
+                   m, config.train.compute_dtype, quant).values()))
     if measure:
-        measured = measure_step(config, workload, repeats=repeats)
+        measured = measure_step(config, workload, repeats=repeats, quant=quant)
         err = (pred.step_s - measured) / measured
         mfu = pred.model_flops / measured / pred.peak_flops
         mbu = pred.bytes / measured / pred.bandwidth
@@ -122,10 +152,6 @@ def explain(config: Config, workload: Workload, pred) -> str:
     if workload.kind != "train":
         return (f"the largest term is '{worst.name}' ({worst.bound}-bound, "
                 f"{worst.seconds * 1e3:.1f} ms predicted)")
-    import tempfile
-
-    from hpllm.perf.profile import profile
-
     cfg = apply_overrides(config, {"batch_size": workload.batch, "seq_len": workload.seq_len})
     with tempfile.TemporaryDirectory() as tmp:
         summary = profile(cfg, steps=2, out_dir=tmp, synthetic=True, log=lambda *a: None)

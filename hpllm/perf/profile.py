@@ -9,9 +9,10 @@ is the wall span from asking for the batch to having the new state.
 The summary is built from two sources, each read with what jax/jaxlib provide:
 - the trace (`*.xplane.pb`, read with `jax.profiler.ProfileData`): every executed HLO op is an
   event carrying its `hlo_op` name, plus our host annotations `hpllm.data` and `hpllm.dispatch`;
-- the compiled HLO text of the same executable: opcodes, fusion bodies, dot/convolution shapes
-  and the JAX name stack (`.../attention/...` from the named scope in the model) give each op a
-  category, its FLOPs (2·M·N·K per dot) and the bytes it reads and writes.
+- the compiled HLO text of the same executable (read with `hpllm.perf.hlo`): opcodes, fusion
+  bodies, dot/convolution shapes and the JAX name stack (`.../attention/...` from the named
+  scope in the model) give each op a category, its FLOPs (2·M·N·K per dot) and the bytes it
+  reads and writes.
 
 Wall time is attributed instant by instant (`attribute`): when ops run concurrently on several
 threads or streams each gets an equal share, an op nested in another (a loop body inside `while`)
@@ -39,6 +40,15 @@ import re
 import statistics
 import time
 
+import jax
+
+from hpllm.perf.hardware import current_chip
+from hpllm.perf.hlo import COLLECTIVES, MATMUL_TARGET, Instr, nbytes, parse_module, shapes
+from hpllm.perf.roofline import train_flops_per_token
+from hpllm.train import data as data_lib
+from hpllm.train.state import init_state
+from hpllm.train.step import jit_train_step
+
 CATEGORIES = {  # key -> label, in the order of the table
     "matmul": "matmul/convolution fusion",
     "attention": "attention",
@@ -55,13 +65,6 @@ DATA_ANNOTATION, DISPATCH_ANNOTATION, STEP_NAME = "hpllm.data", "hpllm.dispatch"
 # ---------------------------------------------------------------------------------------------
 # The compiled HLO: category, FLOPs and bytes of every instruction
 
-_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
-                "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
-                "c64": 8, "c128": 16}
-_SHAPE = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
-_COLLECTIVES = {"all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
-                "collective-broadcast", "ragged-all-to-all", "send", "recv", "send-done",
-                "recv-done"}
 _MOVEMENT = {"copy", "transpose", "bitcast", "reshape", "broadcast", "slice", "dynamic-slice",
              "dynamic-update-slice", "concatenate", "pad", "reverse", "parameter", "constant",
              "tuple", "get-tuple-element", "copy-start", "copy-done", "bitcast-convert", "iota"}
@@ -69,7 +72,6 @@ _FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "afte
 _CONTROL = {"while", "conditional", "call", "async-start", "async-done", "async-update"}
 _OTHER = {"gather", "scatter", "sort", "rng", "rng-bit-generator", "rng-get-and-update-state",
           "custom-call", "infeed", "outfeed", "fft", "cholesky", "triangular-solve", "top-k"}
-_MATMUL_TARGET = re.compile(r"gemm|matmul|cublas|cudnn|conv|onednn", re.I)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,118 +84,35 @@ class OpCost:
     scope: str  # the JAX name stack (op_name metadata)
 
 
-def _shapes(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
-    return [(dt, tuple(int(d) for d in dims.split(",") if d))
-            for dt, dims in _SHAPE.findall(type_text) if dt in _DTYPE_BYTES or dt.startswith("f8")]
-
-
-def _nbytes(type_text: str) -> float:
-    return sum(_DTYPE_BYTES.get(dt, 1) * math.prod(dims) for dt, dims in _shapes(type_text))
-
-
-def _balanced(text: str, start: int) -> int:
-    """Index just past the bracket group opening at text[start]."""
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] in "({[":
-            depth += 1
-        elif text[i] in ")}]":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return len(text)
-
-
-@dataclasses.dataclass
-class _Instr:
-    name: str
-    type_text: str
-    opcode: str
-    operands: list[str]
-    attrs: str
-
-    def attr_ints(self, key: str) -> list[int]:
-        m = re.search(rf"\b{key}={{([0-9,]*)}}", self.attrs)
-        return [int(x) for x in m.group(1).split(",") if x] if m else []
-
-    @property
-    def called(self) -> list[str]:
-        names = []
-        for key in ("calls", "body", "condition", "branch_computations", "called_computations",
-                    "to_apply"):
-            m = re.search(rf"\b{key}=({{[^}}]*}}|%[\w.\-]+)", self.attrs)
-            if m:
-                names += re.findall(r"%([\w.\-]+)", m.group(1))
-        return names
-
-    @property
-    def scope(self) -> str:
-        m = re.search(r'op_name="([^"]*)"', self.attrs)
-        return m.group(1) if m else ""
-
-
-def _parse_module(text: str) -> tuple[dict[str, list[_Instr]], dict[str, _Instr]]:
-    """Computations (name -> instructions) and every instruction by its module-unique name."""
-    text = re.sub(r"/\*.*?\*/", "", text)
-    computations: dict[str, list[_Instr]] = {}
-    instrs: dict[str, _Instr] = {}
-    current = None
-    for line in text.splitlines():
-        header = re.match(r"(?:ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$", line)
-        if header and not line.startswith(" "):
-            current = computations.setdefault(header.group(1), [])
-            continue
-        m = re.match(r"\s+(?:ROOT\s+)?%([\w.\-]+)\s*=\s*", line)
-        if not m or current is None:
-            continue
-        rest = line[m.end():]
-        end = _balanced(rest, 0) if rest.startswith("(") else rest.find(" ")
-        type_text, rest = rest[:end], rest[end:].lstrip()
-        op = re.match(r"([\w\-]+)\(", rest)
-        if not op:
-            continue
-        close = _balanced(rest, op.end() - 1)
-        operands = re.findall(r"%([\w.\-]+)", rest[op.end():close - 1])
-        instr = _Instr(m.group(1), type_text, op.group(1), operands, rest[close:])
-        current.append(instr)
-        instrs[instr.name] = instr
-    return computations, instrs
-
-
-def _dot_flops(ins: _Instr, instrs: dict[str, _Instr]) -> float:
-    out = math.prod(d for _, dims in _shapes(ins.type_text) for d in dims)
+def _dot_flops(ins: Instr, instrs: dict[str, Instr]) -> float:
+    out = math.prod(d for _, dims in shapes(ins.type_text) for d in dims)
     lhs = instrs.get(ins.operands[0]) if ins.operands else None
     if lhs is None:
         return 0.0
-    lhs_dims = _shapes(lhs.type_text)[0][1] if _shapes(lhs.type_text) else ()
+    lhs_dims = shapes(lhs.type_text)[0][1] if shapes(lhs.type_text) else ()
     if ins.opcode == "dot":
         contracting = ins.attr_ints("lhs_contracting_dims")
         return 2.0 * out * math.prod(lhs_dims[i] for i in contracting if i < len(lhs_dims))
     # convolution: each output element is a dot over the kernel's input features and window
     rhs = instrs.get(ins.operands[1]) if len(ins.operands) > 1 else None
     labels = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
-    if rhs is None or not labels or not _shapes(rhs.type_text):
+    if rhs is None or not labels or not shapes(rhs.type_text):
         return 0.0
-    kernel = _shapes(rhs.type_text)[0][1]
+    kernel = shapes(rhs.type_text)[0][1]
     o = labels.group(1).find("o")
     return 2.0 * out * math.prod(kernel) / max(kernel[o] if 0 <= o < len(kernel) else 1, 1)
 
 
-def _custom_gemm_flops(ins: _Instr, instrs: dict[str, _Instr]) -> float:
+def _custom_gemm_flops(ins: Instr, instrs: dict[str, Instr]) -> float:
     """cuBLAS-style custom calls carry dot dimension numbers in their backend config."""
-    out = math.prod(d for _, dims in _shapes(ins.type_text)[:1] for d in dims)
+    out = math.prod(d for _, dims in shapes(ins.type_text)[:1] for d in dims)
     lhs = instrs.get(ins.operands[0]) if ins.operands else None
     m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.attrs)
-    if lhs is None or not m or not _shapes(lhs.type_text):
+    if lhs is None or not m or not shapes(lhs.type_text):
         return 0.0
-    dims = _shapes(lhs.type_text)[0][1]
+    dims = shapes(lhs.type_text)[0][1]
     k = math.prod(dims[int(i.strip('" '))] for i in m.group(1).split(",") if i.strip('" '))
     return 2.0 * out * k
-
-
-def _custom_target(ins: _Instr) -> str:
-    m = re.search(r'custom_call_target="([^"]*)"', ins.attrs)
-    return m.group(1) if m else ""
 
 
 def _is_attention(scope: str) -> bool:
@@ -210,7 +129,7 @@ def parse_hlo(text: str) -> dict[str, OpCost]:
     updates in place and gathers count only the part they touch. Control flow (while, call,
     conditional) costs nothing itself: its body's instructions are traced and counted one by one.
     """
-    computations, instrs = _parse_module(text)
+    computations, instrs = parse_module(text)
     inner_cache: dict[str, tuple[float, float, set[str], list[str]]] = {}
 
     def inner(comp: str):
@@ -232,7 +151,7 @@ def parse_hlo(text: str) -> dict[str, OpCost]:
             elif ins.opcode not in _MOVEMENT and ins.opcode not in _FREE:
                 reduce = ins.opcode == "reduce" and ins.operands  # counts its input elements
                 src = instrs.get(ins.operands[0], ins) if reduce else ins
-                other += sum(math.prod(d) for _, d in _shapes(src.type_text)[:1])
+                other += sum(math.prod(d) for _, d in shapes(src.type_text)[:1])
         inner_cache[comp] = (dot, other, opcodes, dot_scopes)
         return inner_cache[comp]
 
@@ -251,8 +170,8 @@ def parse_hlo(text: str) -> dict[str, OpCost]:
 def _bytes_moved(opcodes: set[str], operand_types: list[str], result_type: str) -> float:
     """Operands read plus results written; an update in place (dynamic-update-slice, scatter)
     touches only the updated part of its buffer, and a gather reads only the rows it returns."""
-    sizes = sorted(map(_nbytes, operand_types))
-    result = _nbytes(result_type)
+    sizes = sorted(map(nbytes, operand_types))
+    result = nbytes(result_type)
     if sizes and opcodes & {"dynamic-update-slice", "scatter"}:
         return 2 * sum(sizes[:-1])  # read and write the updates; the big buffer stays put
     if sizes and "gather" in opcodes:
@@ -260,7 +179,7 @@ def _bytes_moved(opcodes: set[str], operand_types: list[str], result_type: str) 
     return sum(sizes) + result
 
 
-def _cost(ins: _Instr, instrs: dict[str, _Instr], inner) -> OpCost:
+def _cost(ins: Instr, instrs: dict[str, Instr], inner) -> OpCost:
     op, scope = ins.opcode, ins.scope
     if op in _FREE or op in _CONTROL:
         return OpCost("other", 0.0, 0.0, op, scope)
@@ -271,7 +190,7 @@ def _cost(ins: _Instr, instrs: dict[str, _Instr], inner) -> OpCost:
         if dot:
             attention = any(map(_is_attention, dot_scopes))
             return OpCost("attention" if attention else "matmul", dot + other, nbytes, op, scope)
-        if opcodes & _COLLECTIVES:
+        if opcodes & COLLECTIVES:
             category = "collectives"
         elif opcodes <= _MOVEMENT | _FREE:
             category = "copies"
@@ -286,9 +205,9 @@ def _cost(ins: _Instr, instrs: dict[str, _Instr], inner) -> OpCost:
     flops = 0.0
     if op in ("dot", "convolution"):
         flops, category = _dot_flops(ins, instrs), "matmul"
-    elif op == "custom-call" and _MATMUL_TARGET.search(_custom_target(ins)):
+    elif op == "custom-call" and MATMUL_TARGET.search(ins.custom_call_target):
         flops, category = _custom_gemm_flops(ins, instrs), "matmul"
-    elif op in _COLLECTIVES or any(op.startswith(c) for c in _COLLECTIVES):
+    elif op in COLLECTIVES or any(op.startswith(c) for c in COLLECTIVES):
         category = "collectives"
     elif op in _MOVEMENT:
         category = "copies"
@@ -297,7 +216,7 @@ def _cost(ins: _Instr, instrs: dict[str, _Instr], inner) -> OpCost:
     else:
         category = "elementwise"
         src = operand_types[0] if op == "reduce" and operand_types else ins.type_text
-        flops = float(sum(math.prod(d) for _, d in _shapes(src)[:1]))
+        flops = float(sum(math.prod(d) for _, d in shapes(src)[:1]))
     if category in ("matmul", "elementwise", "copies") and _is_attention(scope):
         category = "attention"
     return OpCost(category, flops, nbytes, op, scope)
@@ -582,13 +501,6 @@ def profile(config, steps: int = 3, out_dir="runs/profile", synthetic: bool = Fa
     """Trace `steps` training steps of `config` into out_dir and return the summary dict (also
     written as profile_summary.json next to the trace). `synthetic` uses random tokens instead
     of the corpus. Prints through `log`."""
-    import jax
-
-    from hpllm.perf.hardware import current_chip
-    from hpllm.perf.roofline import train_flops_per_token
-    from hpllm.train import data as data_lib
-    from hpllm.train.step import init_state, jit_train_step
-
     config.validate()
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got {steps} and {warmup}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from hpllm.config import ModelConfig
 
@@ -18,6 +19,34 @@ def matmul_params(config: ModelConfig, active_only: bool = True) -> int:
     if c.n_experts:
         mlp = c.dim * c.n_experts + mlp * (c.experts_per_token if active_only else c.n_experts)
     return c.n_layers * (attn + mlp) + c.dim * c.vocab_size
+
+
+# Weight quantization schemes the predictor counts (hpllm/quantized.py): int8 codes plus a
+# float32 scale per output row (and, int8-zp, a float32 zero point per row).
+QUANT_ROW_BYTES = {"int8": 4, "int8-zp": 8}
+
+
+def matmul_weight_bytes(config: ModelConfig, dtype: str = "float32", quant: str = "") -> dict:
+    """Bytes of the matmul weights as stored: {"layers": every layer projection, "output":
+    the output projection (the tied embedding)}. Float: params x the dtype's size; `quant`:
+    one byte per weight plus QUANT_ROW_BYTES per output row of each matrix (N of the (N, K)
+    codes that hpllm/compress/quantize.py makes)."""
+    c = config
+    if not quant:
+        return {"layers": (matmul_params(c, active_only=False) - c.dim * c.vocab_size)
+                * _BYTES[dtype], "output": c.dim * c.vocab_size * _BYTES[dtype]}
+    if quant not in QUANT_ROW_BYTES:
+        raise ValueError(f"the roofline counts weights quantized as "
+                         f"{' or '.join(QUANT_ROW_BYTES)}, not {quant!r}")
+    if c.n_experts:
+        raise ValueError("quantized mixture-of-experts weights are not counted (experts stay "
+                         "float when quantized)")
+    row = QUANT_ROW_BYTES[quant]
+    qd, kvd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    matrices = [(qd, c.dim), (kvd, c.dim), (kvd, c.dim), (c.dim, qd),  # (N, K): q, k, v, o
+                (c.hidden_dim, c.dim), (c.hidden_dim, c.dim), (c.dim, c.hidden_dim)]
+    layer = sum(n * k + n * row for n, k in matrices)
+    return {"layers": c.n_layers * layer, "output": c.vocab_size * (c.dim + row)}
 
 
 def attention_flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -47,11 +76,21 @@ def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
 # ----------------------------------------------------------------------------- the napkin
 # A workload is split into terms, each with its FLOPs and the bytes it must move through
 # device memory; a term takes max(FLOPs / peak, bytes / bandwidth) (its own roofline) and
-# the terms run one after another. Collectives overlap the compute (XLA schedules them
+# the terms run one after another. On a CPU two measured figures join the napkin: the weight
+# reads of a decode step stream at the bandwidth XLA's mat-vec reaches (below what the cores
+# can read), and every launched op and call costs the runtime a fixed time ("dispatch"). Collectives overlap the compute (XLA schedules them
 # asynchronously), so the step takes max(sum of terms, communication). All figures are per
 # device for one step.
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+DECODE_KINDS = ("decode", "engine")  # engine: the paged engine's batched decode step
+_WEIGHT_TERMS = ("weight matmuls", "output projection")
+# Kernels a layer launches per pass, counted from the model: 7 weight matmuls (q, k, v, o,
+# gate, up, down), 2 attention dots and the softmax, 2 norms, RoPE, 2 KV-cache writes, the
+# SwiGLU gate and 2 residual adds. Outside the layers: embedding, final norm, output dot.
+OPS_PER_LAYER = 18
+OPS_OUTSIDE_LAYERS = 3
+WEIGHT_DOTS_PER_LAYER = 7  # q, k, v, o, gate, up, down (and the output projection outside)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,24 +106,32 @@ class MeshShape:
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    kind: str  # "train" (one optimizer step), "prefill" (batch x seq_len tokens), "decode"
+    kind: str  # "train" (one optimizer step), "prefill" (batch x seq_len tokens), "decode",
+    # "engine" (a decode step of the paged engine: batch rows, each with its own block table)
     batch: int
     seq_len: int = 0  # tokens per sequence (train, prefill)
     context: int = 0  # KV-cache length each decode token attends over (decode)
 
     def __post_init__(self):
-        if self.kind not in ("train", "prefill", "decode"):
-            raise ValueError(f"workload must be train, prefill or decode, got {self.kind!r}")
-        if self.batch < 1 or (self.kind != "decode" and self.seq_len < 1) or (
-                self.kind == "decode" and self.context < 1):
+        if self.kind not in ("train", "prefill", *DECODE_KINDS):
+            raise ValueError(f"workload must be train, prefill, decode or engine, got "
+                             f"{self.kind!r}")
+        if self.batch < 1 or (not self.decoding and self.seq_len < 1) or (
+                self.decoding and self.context < 1):
             raise ValueError(f"{self.kind} needs batch >= 1 and "
-                             f"{'context' if self.kind == 'decode' else 'seq_len'} >= 1")
+                             f"{'context' if self.decoding else 'seq_len'} >= 1")
+
+    @property
+    def decoding(self) -> bool:
+        return self.kind in DECODE_KINDS
 
     @property
     def tokens(self) -> int:
-        return self.batch * (1 if self.kind == "decode" else self.seq_len)
+        return self.batch * (1 if self.decoding else self.seq_len)
 
     def describe(self) -> str:
+        if self.kind == "engine":
+            return f"paged engine step, {self.batch} rows, context {self.context}"
         if self.kind == "decode":
             return f"decode step, batch {self.batch}, context {self.context}"
         return f"{self.kind}, batch {self.batch} x {self.seq_len} tokens"
@@ -97,13 +144,16 @@ class Term:
     bytes: float
     compute_s: float = 0.0
     memory_s: float = 0.0
+    overhead_s: float = 0.0  # fixed runtime cost (op launches), neither FLOPs nor bytes
 
     @property
     def seconds(self) -> float:
-        return max(self.compute_s, self.memory_s)
+        return max(self.compute_s, self.memory_s, self.overhead_s)
 
     @property
     def bound(self) -> str:
+        if self.overhead_s > max(self.compute_s, self.memory_s):
+            return "overhead"
         return "compute" if self.compute_s >= self.memory_s else "memory"
 
 
@@ -146,8 +196,8 @@ class Prediction:
         return self.flops / self.peak_flops
 
     @property
-    def memory_s(self) -> float:
-        return self.bytes / self.bandwidth
+    def memory_s(self) -> float:  # each term's bytes at the bandwidth that term streams at
+        return sum(t.memory_s for t in self.terms)
 
     @property
     def comm_s(self) -> float:
@@ -162,7 +212,7 @@ class Prediction:
         local = sum(t.seconds for t in self.terms)
         if self.comm_s > local:
             return "communication"
-        by_kind = {"compute": 0.0, "memory": 0.0}
+        by_kind = {"compute": 0.0, "memory": 0.0, "overhead": 0.0}
         for t in self.terms:
             by_kind[t.bound] += t.seconds
         return max(by_kind, key=by_kind.get)
@@ -189,7 +239,8 @@ class Prediction:
         for t in self.terms:
             lines.append(f"{t.name:<22}{t.flops / 1e9:>10.3f}{t.bytes / 1e6:>10.1f}"
                          f"{t.flops / max(t.bytes, 1):>8.1f}{t.compute_s * 1e3:>12.3f}"
-                         f"{t.memory_s * 1e3:>11.3f}  {t.bound}")
+                         f"{t.memory_s * 1e3:>11.3f}  {t.bound}"
+                         + (f" {t.overhead_s * 1e3:.3f} ms" if t.overhead_s else ""))
         lines.append(f"{'total':<22}{self.flops / 1e9:>10.3f}{self.bytes / 1e6:>10.1f}"
                      f"{self.intensity:>8.1f}{self.compute_s * 1e3:>12.3f}"
                      f"{self.memory_s * 1e3:>11.3f}")
@@ -216,14 +267,18 @@ def _ring_seconds(nbytes: float, n: int, bandwidth: float) -> float:
 
 def predict(model: ModelConfig, workload: Workload, chip, mesh: MeshShape = MeshShape(), *,
             param_dtype: str = "float32", compute_dtype: str = "bfloat16", remat: str = "none",
-            attention: str = "reference", model_name: str = "model") -> Prediction:
-    """The roofline prediction of one step of `workload` on `mesh` devices of `chip`."""
+            attention: str = "reference", model_name: str = "model", quant: str = "") -> Prediction:
+    """The roofline prediction of one step of `workload` on `mesh` devices of `chip`, with
+    the matmul weights quantized by `quant` (QUANT_ROW_BYTES; "" float)."""
     c, w = model, workload
+    if quant and w.kind == "train":
+        raise ValueError("quantized weights are for inference workloads, not train")
+    stored = matmul_weight_bytes(c, compute_dtype, quant)
     cb, pb = _BYTES[compute_dtype], _BYTES[param_dtype]
     peak, bw = chip.peak(compute_dtype), chip.hbm_bandwidth
     n_dev, shard = mesh.devices, mesh.fsdp * mesh.tensor
     batch_dev = w.batch / (mesh.data * mesh.fsdp)  # sequences per device (tensor splits heads)
-    tokens_dev = batch_dev * (1 if w.kind == "decode" else w.seq_len)
+    tokens_dev = batch_dev * (1 if w.decoding else w.seq_len)
     hd, kvd = c.head_dim, c.n_kv_heads * c.head_dim
     qd = c.n_heads * hd
     p_mm = matmul_params(c)  # per token: MoE counts only the active experts
@@ -239,16 +294,16 @@ def predict(model: ModelConfig, workload: Workload, chip, mesh: MeshShape = Mesh
                                   + 2 * c.dim) + c.dim
     terms = [Term("weight matmuls", passes * 2 * (p_mm - c.dim * c.vocab_size) * tokens_dev
                   / mesh.tensor,
-                  passes * ((p_held - c.dim * c.vocab_size) * cb / mesh.tensor
+                  passes * (stored["layers"] / mesh.tensor
                             + tokens_dev * act_per_token * cb / mesh.tensor)),
              Term("output projection", passes * 2 * c.dim * c.vocab_size * tokens_dev
                   / mesh.tensor,
-                  passes * (c.dim * c.vocab_size * cb / mesh.tensor
+                  passes * (stored["output"] / mesh.tensor
                             + tokens_dev * (c.dim * cb + c.vocab_size * 4 / mesh.tensor)))]
 
     # Attention core (QK^T, softmax, PV).
     heads_dev = c.n_heads / mesh.tensor
-    if w.kind == "decode":
+    if w.decoding:
         kv_len = w.context
         flops = 4 * batch_dev * c.n_layers * heads_dev * hd * kv_len
         kv_bytes = 2 * batch_dev * c.n_layers * kv_len * kvd / mesh.tensor * cb
@@ -278,8 +333,40 @@ def predict(model: ModelConfig, workload: Workload, chip, mesh: MeshShape = Mesh
                           3 * tokens_dev * c.vocab_size * 4 / mesh.tensor))
         # AdamW reads params, grads, m, v and writes params, m, v (all param_dtype).
         terms.append(Term("optimizer (AdamW)", 12 * p_all / shard, 7 * p_all * pb / shard))
+    # Decode's weight matmuls are mat-vecs: their weights stream at what the runtime's dot
+    # (or, quantized, the CPU int8 kernel) reaches at one row where that was measured (CPU),
+    # else at the memory bandwidth. With several rows they compute at the rate measured for
+    # that many rows, far below the large-matmul peak.
+    matvec_bw = (chip.int8_matvec_bandwidth if quant else 0.0) or chip.matvec_bandwidth
+    weights_bw = (matvec_bw or bw) if w.decoding else bw
+    weights_peak, rows = peak, math.ceil(tokens_dev)
+    if w.decoding and rows > 1:
+        weights_peak = batched_rate(chip, "int8" if quant else compute_dtype, rows) or peak
     for t in terms:
-        t.compute_s, t.memory_s = t.flops / peak, t.bytes / bw
+        weight = t.name in _WEIGHT_TERMS
+        t.compute_s = t.flops / (weights_peak if weight else peak)
+        t.memory_s = t.bytes / (weights_bw if weight else bw)
+    if weights_bw != bw:
+        notes.append(f"decode weights stream at the measured {'int8 kernel' if quant else 'XLA'}"
+                     f" mat-vec {weights_bw / 1e9:.1f} GB/s (the cores can read "
+                     f"{bw / 1e9:.1f} GB/s)")
+    if weights_peak != peak:
+        notes.append(f"{rows} rows: the weight matmuls compute at the measured "
+                     f"{weights_peak / 1e9:.0f} GFLOP/s of a dot chain with that many rows "
+                     f"(large-matmul peak {peak / 1e9:.0f})")
+    if chip.op_overhead_s or chip.call_overhead_s:
+        launches = passes * (c.n_layers * OPS_PER_LAYER + OPS_OUTSIDE_LAYERS)
+        dispatch = Term("dispatch", 0.0, 0.0)
+        dispatch.overhead_s = launches * chip.op_overhead_s + chip.call_overhead_s
+        notes.append(f"dispatch: {launches} ops x {chip.op_overhead_s * 1e6:.2f} us + "
+                     f"{chip.call_overhead_s * 1e6:.0f} us per call (measured)")
+        per_dot = (chip.int8_matvec_dot_s if quant else chip.matvec_dot_s) if w.decoding else 0
+        if per_dot:  # the weight dots' own fixed cost, beyond streaming (their fork/join)
+            dots = passes * (c.n_layers * WEIGHT_DOTS_PER_LAYER + 1)
+            dispatch.overhead_s += dots * per_dot
+            notes.append(f"dispatch: + {dots} weight dots x {per_dot * 1e6:.1f} us each "
+                         f"({'int8 kernel' if quant else 'XLA'}, measured)")
+        terms.append(dispatch)
 
     # Collectives, per device.
     axis_bw = chip.axis_bandwidth
@@ -304,6 +391,9 @@ def predict(model: ModelConfig, workload: Workload, chip, mesh: MeshShape = Mesh
 
     # Memory per device.
     memory = {"params": p_all * (pb if train else cb) / shard}
+    if quant:  # quantized matrices (an untied embedding too), float norms
+        memory["params"] = (stored["layers"] + stored["output"] * (1 + (not c.tie_embeddings))
+                            + c.n_layers * 2 * c.dim * cb) / shard
     if train:
         memory["optimizer"] = 2 * p_all * pb / shard
         memory["grads"] = p_all * 4 / shard
@@ -321,7 +411,7 @@ def predict(model: ModelConfig, workload: Workload, chip, mesh: MeshShape = Mesh
         acts += 2 * tokens_dev * c.vocab_size * 4 / mesh.tensor  # logits and their gradient
         memory["activations"] = acts
     else:
-        length = w.context if w.kind == "decode" else w.seq_len
+        length = w.context if w.decoding else w.seq_len
         memory["kv_cache"] = 2 * c.n_layers * batch_dev * length * kvd * cb / mesh.tensor
         memory["activations"] = tokens_dev * (c.dim * 4 + c.vocab_size * 4)
     if mesh.fsdp > 1:  # ZeRO-3's working set: one layer's weights (or the embedding table)
@@ -343,6 +433,15 @@ def predict(model: ModelConfig, workload: Workload, chip, mesh: MeshShape = Mesh
         useful = (2 * p_mm + 4 * c.n_layers * c.n_heads * hd * w.context) * tokens_dev
     return Prediction(model_name, w, mesh, chip.name, peak, bw, terms, coll, memory, notes,
                       useful / mesh.tensor)
+
+
+def batched_rate(chip, kind: str, rows: int) -> float:
+    """The measured FLOP/s of a dot chain (chip.batched_flops[kind], "float32" or "int8")
+    at the fewest measured rows >= `rows` (the engine pads rows up to a power of two);
+    0 where none was measured or `rows` is beyond them (then the large-matmul peak holds)."""
+    measured = {int(m): r for m, r in (chip.batched_flops or {}).get(kind, {}).items()}
+    above = [m for m in measured if m >= rows]
+    return measured[min(above)] if above else 0.0
 
 
 def plot(predictions: list, path, measured: list | None = None) -> None:

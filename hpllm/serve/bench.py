@@ -22,6 +22,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from hpllm.checkpoints.gguf import read_gguf
+from hpllm.checkpoints.registry import resolve
+from hpllm.checkpoints.tokenizer import tokenizer_from_gguf, tokenizer_from_hf_dir
+from hpllm.serve.workload import shakespeare_requests
+
 
 @dataclass
 class RequestResult:
@@ -96,7 +101,7 @@ async def run_load(base_url: str, model: str, requests, concurrency: int = 0,
                    timeout: float = 600.0) -> tuple[list[RequestResult], float]:
     """Send `requests` (objects with prompt_ids and max_tokens); returns the results in
     request order and the wall time from the first send to the last response."""
-    import httpx
+    import httpx  # an optional dependency (the test extra)
 
     url = base_url.rstrip("/") + "/v1/completions"
     limit = concurrency or len(requests)
@@ -164,19 +169,14 @@ def format_summary(s: dict) -> str:
 
 def load_tokenizer(model: str):
     """Just the tokenizer of a registry name, .gguf file or HF directory (no weights)."""
-    from hpllm.checkpoints.registry import resolve
-    from hpllm.checkpoints.tokenizer import tokenizer_from_gguf, tokenizer_from_hf_dir
-
     path = resolve(model)
     if path.is_dir():
         return tokenizer_from_hf_dir(path)
-    from hpllm.checkpoints.gguf import read_gguf
-
     return tokenizer_from_gguf(read_gguf(path).metadata, path.name)
 
 
 def served_model(base_url: str) -> str:
-    import httpx
+    import httpx  # an optional dependency (the test extra)
 
     r = httpx.get(base_url.rstrip("/") + "/v1/models", timeout=30)
     r.raise_for_status()
@@ -188,8 +188,6 @@ def bench_serve(base_url: str, num_prompts: int = 100, concurrency: int = 0,
                 output_len=(16, 128), seed: int = 0, model: str = "", tokenizer=None,
                 timeout: float = 600.0) -> dict:
     """Benchmark a running server; returns the summary (with the settings under "config")."""
-    from hpllm.infer.workload import shakespeare_requests
-
     model = model or served_model(base_url)
     tokenizer = tokenizer or load_tokenizer(model)
     requests = shakespeare_requests(tokenizer, num_prompts, prompt_len, output_len, seed)

@@ -37,7 +37,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from hpllm.cache import cache_dir
-from hpllm.config import ConfigError
+from hpllm.config import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +298,14 @@ def split_documents(docs: list[Document], val_fraction: float,
     return train_docs, val_docs
 
 
+def shakespeare_validation_texts() -> list[str]:
+    """The texts of the validation split that `hpllm train` holds out (default TrainConfig):
+    held-out text for perplexity, parity checks and serving workloads."""
+    tc = TrainConfig()
+    _, val = split_documents(load_documents(tc), tc.val_fraction, tc.seed)
+    return [d.text for d in val]
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
 
@@ -434,14 +442,15 @@ class PackedDataset:
     def window_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng((self.seed, int(epoch))).permutation(self.n_windows)
 
-    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+    def batch_at(self, step: int, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
         """Batch `step`: global windows step*B ... step*B + B - 1 of the epoch-wise permutations
-        (a batch that straddles an epoch end takes its rows from both epochs)."""
+        (a batch that straddles an epoch end takes its rows from both epochs). start, stop:
+        only rows start..stop of it, built without the others (a process's share)."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        epoch, offset = np.divmod(step * self.batch_size + np.arange(self.batch_size),
-                                  self.n_windows)
-        window = np.empty(self.batch_size, np.int64)
+        rows = np.arange(start, self.batch_size if stop is None else stop)
+        epoch, offset = np.divmod(step * self.batch_size + rows, self.n_windows)
+        window = np.empty(len(rows), np.int64)
         for e in np.unique(epoch):
             window[epoch == e] = self.window_order(e)[offset[epoch == e]]
         return _windows(self.tokens, self.segment_ids, window * self.seq_len, self.seq_len,

@@ -20,10 +20,12 @@ from hpllm.infer.generate import generate
 from hpllm.model.transformer import count_params
 from hpllm.parallel import distributed, sharding
 from hpllm.parallel import mesh as mesh_lib
+from hpllm.parallel.pipeline import bubble_fraction
 from hpllm.perf.hardware import current_chip
 from hpllm.perf.roofline import train_flops_per_token
 from hpllm.train import data as data_lib
-from hpllm.train.step import init_state, jit_eval_step, jit_train_step
+from hpllm.train.state import init_sharded_state, init_state, state_shardings
+from hpllm.train.step import jit_eval_step, jit_train_step
 
 
 @dataclasses.dataclass
@@ -97,7 +99,7 @@ def _abstract_state(config: Config, mesh=None):
     shapes = jax.eval_shape(lambda: init_state(config, jax.random.key(0)))
     if mesh is not None:
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            shapes, sharding.state_shardings(config, mesh))
+                            shapes, state_shardings(config, mesh))
     sharding_ = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding_),
                         shapes)
@@ -166,8 +168,6 @@ def train(config: Config, log=print, on_step=None) -> TrainResult:
             f"(FLOPs count only those), capacity factor {m.capacity_factor or 'dropless'}, "
             f"aux loss weight {m.router_aux_weight}")
     if config.mesh.stage > 1:
-        from hpllm.parallel.pipeline import bubble_fraction
-
         log(f"pipeline: GPipe, {config.mesh.stage} stages x {tc.microbatches} microbatches, "
             f"bubble {100 * bubble_fraction(config.mesh.stage, tc.microbatches):.1f}% of "
             "stage-steps idle")
@@ -176,7 +176,7 @@ def train(config: Config, log=print, on_step=None) -> TrainResult:
         state, _ = orbax_io.restore(ckpt_dir, resume_step, _abstract_state(config, mesh))
         log(f"resumed from step {resume_step} ({ckpt_dir})")
     elif mesh is not None:  # created in place, sharded: never whole on one device
-        state = sharding.init_sharded_state(config, mesh, jax.random.key(tc.seed))
+        state = init_sharded_state(config, mesh, jax.random.key(tc.seed))
     else:
         state = jax.jit(init_state, static_argnums=0)(config, jax.random.key(tc.seed))
     start = int(state["step"])

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hpllm.train.data import shakespeare_validation_texts
+
 
 @dataclass(frozen=True)
 class Request:
@@ -19,8 +21,6 @@ def shakespeare_requests(tokenizer, n: int, prompt_len=(32, 256), output_len=(16
                          seed: int = 0) -> list[Request]:
     """n requests: prompt lengths and output lengths uniform in the given inclusive ranges
     (tokens); each prompt is a window of the validation split starting at a random token."""
-    from hpllm.infer.perplexity import shakespeare_validation_texts
-
     text = "\n\n".join(shakespeare_validation_texts())
     ids = tokenizer.encode(text[:2_000_000], bos=False)
     rng = np.random.default_rng(seed)
