@@ -185,8 +185,7 @@ def cmd_cost_serve(args, extra) -> int:
     if args.tokens_per_s:
         rate, how = args.tokens_per_s, "given"
     else:
-        rate = cost.decode_tokens_per_s(params, weights / params, chip, gpus, args.batch,
-                                        cost.kv_bytes(model, args.context, kv_dtype),
+        rate = cost.decode_tokens_per_s(params, weights / params, chip, gpus, args.batch, kv,
                                         args.dtype)
         how = (f"roofline: batch {args.batch} at context {args.context:,}, weights and KV "
                f"read once per step over {gpus} x {chip.hbm_bandwidth / 1e9:.0f} GB/s, "

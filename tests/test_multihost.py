@@ -48,7 +48,7 @@ def _dataset(batch_size=6):
 
 
 @pytest.mark.parametrize("step", [0, 51, 52])  # 52 straddles an epoch end (312 windows / 6)
-def test_batch_rows_are_the_rows_of_batch_at(step):
+def test_row_ranges_of_batch_at_are_rows_of_the_whole_batch(step):
     data = _dataset()
     whole = data.batch_at(step)
     for start, stop in [(0, 6), (0, 3), (3, 6), (4, 5)]:

@@ -177,7 +177,7 @@ class EngineCore:
                        for c in chunks]
         arrays = {k: jnp.asarray(v)
                   for k, v in row_arrays(sample_rows, pow2_bucket(len(chunks))).items()}
-        filters = any(r.params.has_filters and not r.params.greedy for r in sample_rows)
+        filters = any(r.params.has_filters for r in sample_rows)
         tables = self._tables(chunks)
         drafts, n_proposed, q = self.speculator.propose(chunks, tables, arrays, filters)
         logits = self._run(chunks, drafts, n_proposed, tables)

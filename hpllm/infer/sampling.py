@@ -116,7 +116,9 @@ class SamplingParams:
 
     @property
     def has_filters(self) -> bool:
-        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+        """Whether the top-k/top-p/min-p filter changes this request's draws (greedy takes
+        the argmax whatever the filter keeps)."""
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0)
 
 
 def pow2_bucket(n: int, smallest: int = 1, limit: int | None = None) -> int:
@@ -152,7 +154,7 @@ def sample(logits, rows: list[SampleRow]) -> Sampled:
     pad = logits.shape[0]
     params = [r.params for r in rows]
     penalties = any(p.has_penalties for p in params)
-    filters = any(p.has_filters and not p.greedy for p in params)
+    filters = any(p.has_filters for p in params)
     all_greedy = all(p.greedy for p in params)
     n_top = max((p.logprobs or 0) for p in params)
     want_logprobs = any(p.logprobs is not None for p in params)

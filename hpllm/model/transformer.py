@@ -143,8 +143,6 @@ def _remat_policy(remat: str):
     raise ValueError(f"unknown remat policy {remat!r}")
 
 
-
-
 # ------------------------------------------------------------------ the model, in three pieces
 # forward = embed -> decoder_stack -> head. Callers that need a piece alone call it directly:
 # pipeline stages run a slice of the stack, training reads the stack's MoE routing sums,

@@ -208,13 +208,8 @@ def _numpy_threads(nbytes: int, threads: int, repeats: int, copy: bool) -> float
             np.add.reduce(src[b[0]:b[1]])
 
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        list(pool.map(work, bounds))  # warm: threads started, pages touched
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            list(pool.map(work, bounds))
-            times.append(time.perf_counter() - t0)
-    return min(times)
+        # time_calls' untimed first call starts the threads and touches the pages
+        return min(time_calls(lambda: list(pool.map(work, bounds)), repeats))
 
 
 def measure_read_bandwidth(nbytes: int = 2**30, repeats: int = 5, threads: int = 0,

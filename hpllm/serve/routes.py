@@ -20,10 +20,7 @@ def _state(request: Request) -> ServerState:
 
 @router.get("/health")
 async def health(request: Request):
-    engine = _state(request).engine
-    if engine.error is not None:
-        raise APIError(503, f"the engine stopped: {engine.error!r}", "server_error",
-                       code="engine_dead")
+    _state(request).check_engine()
     return {"status": "ok"}
 
 

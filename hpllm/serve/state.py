@@ -67,9 +67,8 @@ class ServerState:
     def __init__(self, engine: AsyncEngine, tokenizer, model_name: str, max_pending: int,
                  max_body_bytes: int):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
-        self.core = engine.core
-        self.vocab_size = self.core.config.vocab_size
-        self.max_model_len = self.core.max_model_len
+        self.vocab_size = engine.core.config.vocab_size
+        self.max_model_len = engine.core.max_model_len
         self.max_pending, self.max_body_bytes = max_pending, max_body_bytes
         self.metrics = ServerMetrics(engine, model_name)
         engine.step_listeners.append(self.metrics.on_step)
@@ -103,10 +102,13 @@ class ServerState:
                                 f"{self.model_name!r}", param="model", code="model_not_found")
         return req
 
-    def check_accepting(self, count: int) -> None:
+    def check_engine(self) -> None:
         if self.engine.error is not None:
             raise APIError(503, f"the engine stopped: {self.engine.error!r}", "server_error",
                            code="engine_dead")
+
+    def check_accepting(self, count: int) -> None:
+        self.check_engine()
         if self.draining:
             raise APIError(503, "the server is shutting down", "server_error",
                            code="shutting_down")

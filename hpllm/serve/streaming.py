@@ -108,7 +108,7 @@ def stream_response(server, first, results, hold: int, opens: Callable[[int], bo
             server.metrics.count_error(500)
             body = P.ErrorResponse(error=P.ErrorInfo(message=f"{type(e).__name__}: {e}",
                                                      type="server_error"))
-            yield f"data: {body.model_dump_json()}\n\n"
+            yield sse(body)
             yield "data: [DONE]\n\n"
 
     return StreamingResponse(guarded(), media_type="text/event-stream",

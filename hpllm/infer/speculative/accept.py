@@ -34,7 +34,10 @@ def row_probs(logits, temperature, top_k, top_p, min_p, filters: bool):
 
 
 def filtered_probs(logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
-    """`row_probs` with one set of parameters for every row of logits (..., V)."""
+    """`row_probs` with one set of parameters for every row of logits (..., V). Greedy is
+    static here, so it skips the softmax that row_probs computes and then discards."""
+    if temperature == 0.0:
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
     shape = logits.shape
     flat = logits.reshape(-1, shape[-1])
     rows = flat.shape[0]

@@ -93,9 +93,10 @@ extern "C" {
 
 // Best bytes/s of reading `nbytes` with `threads` threads (0 when allocation fails).
 double hpllm_read_bandwidth(size_t nbytes, int threads, int repeats) {
+  if (threads < 1 || repeats < 1) return 0.0;
   size_t n = nbytes / sizeof(v16);
   v16* buf = alloc_vectors(n);
-  if (buf == nullptr || threads < 1 || repeats < 1) return 0.0;
+  if (buf == nullptr) return 0.0;
   std::vector<float> sink(threads);
   double s = best_seconds(
       n, threads, repeats,
