@@ -53,7 +53,7 @@ class ModelConfig:
     n_experts: int = 0
     experts_per_token: int = 2  # top-k routing
     capacity_factor: float = 1.25  # slots per expert = ceil(cf * seq_len * k / E); 0 = dropless
-    router_aux_weight: float = 0.01  # load-balancing loss weight (Switch)
+    router_aux_weight: float = 0.1  # load-balancing loss weight (Switch: 0.01, too weak here)
     # tensor-parallel projections under a mesh that splits the sequence (tensor > 1): "off"
     # (GSPMD's all-gather before / reduce-scatter after each matmul) or "ring" (ring
     # collective matmuls that overlap each hop with a block's matmul; parallel/tensor_parallel.py)
@@ -127,7 +127,8 @@ class TrainConfig:
     param_dtype: str = "float32"  # master weights and optimizer state
     compute_dtype: str = "bfloat16"  # activations and matmul inputs
     remat: str = "none"  # "none", "full" (recompute each layer), "dots" (save matmul outputs)
-    microbatches: int = 1  # GPipe microbatches per step when the mesh has stage > 1
+    microbatches: int = 1  # pipeline microbatches per step when the mesh has stage > 1
+    pipeline_schedule: str = "gpipe"  # "gpipe" or "1f1b" (keeps <= P microbatches' activations)
     # bookkeeping
     seed: int = 0
     log_every: int = 10
@@ -168,6 +169,9 @@ class TrainConfig:
             raise ConfigError("beta1 and beta2 must be in [0, 1)")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("grad_clip and weight_decay must be >= 0")
+        if self.pipeline_schedule not in ("gpipe", "1f1b"):
+            raise ConfigError(f"pipeline_schedule must be gpipe or 1f1b, got "
+                              f"{self.pipeline_schedule!r}")
         if self.microbatches <= 0 or self.batch_size % self.microbatches:
             raise ConfigError(f"microbatches ({self.microbatches}) must be positive and divide "
                               f"batch_size ({self.batch_size})")
@@ -300,9 +304,17 @@ class Config:
         if self.mesh.stage > 1 and self.model.n_layers % self.mesh.stage:
             raise ConfigError(f"mesh stage={self.mesh.stage} needs n_layers divisible by it, "
                               f"got n_layers={self.model.n_layers}")
-        if self.mesh.stage > 1 and self.mesh.expert > 1:
-            raise ConfigError("expert parallelism inside pipeline stages is not supported: "
-                              "use mesh expert=1 with stage > 1 (MoE itself works)")
+        if self.mesh.stage > 1 and self.train.pipeline_schedule == "1f1b" \
+                and self.model.n_experts:
+            raise ConfigError("pipeline_schedule=1f1b does not train MoE models: its per-"
+                              "microbatch backward cannot differentiate the load-balancing "
+                              "loss, which couples all microbatches (use gpipe)")
+        if self.mesh.stage > 1 and self.train.pipeline_schedule == "1f1b" \
+                and self.mesh.tensor > 1 and self.mesh.data * self.mesh.fsdp > 1:
+            # jax 0.10.2: XLA's SPMD partitioner aborts on the tensor collectives inside the
+            # schedule's branches ("Check failed: partition_group_list.num_replica_groups()")
+            raise ConfigError("pipeline_schedule=1f1b with tensor > 1 needs data = fsdp = 1 "
+                              "(XLA's partitioner fails on it); use gpipe")
         return self
 
     def to_dict(self) -> dict:

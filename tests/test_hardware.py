@@ -41,6 +41,10 @@ def test_measured_cpu_is_cached_per_machine_with_its_load(tmp_path, monkeypatch)
                         "measure_copy_bandwidth": {"nbytes": 32 * 2**20, "repeats": 2},
                         "measure_matvec": {"nbytes": 16 * 2**20, "repeats": 2},
                         "measure_batched_flops": {"rows": (2, 8), "nbytes": 16 * 2**20},
+                        "measure_matvec_seconds": {"sizes": (2**16, 2**18), "nbytes": 2**20,
+                                                   "repeats": 1},
+                        "measure_paged_attention": {"rows": (2,), "layers": 2, "repeats": 1},
+                        "measure_decode_attention": {"layers": 2, "repeats": 1},
                         "measure_dispatch_overhead": {"ops": 16, "repeats": 2},
                         "measure_all_gather_bandwidth": {"nbytes": 8 * 2**20, "repeats": 2}
                         }.items():
@@ -59,6 +63,8 @@ def test_measured_cpu_is_cached_per_machine_with_its_load(tmp_path, monkeypatch)
     assert chip.int8_matvec_bandwidth == entry["int8_matvec_bandwidth"]
     assert chip.matvec_dot_s == entry["matvec_dot_s"] >= 0
     assert set(chip.batched_flops["float32"]) == {"2", "8"}
+    assert [b for b, _ in chip.matvec_seconds["float32"]] == [2**16, 2**18]
+    assert set(chip.paged_attention_flops) == {"2"} and chip.decode_attention_flops > 0
     again = hardware.measured_cpu()  # from the cache: the same figures, not a new measurement
     assert again == chip
 
@@ -108,6 +114,21 @@ def test_dot_chains_at_one_and_several_rows():
         assert 1e8 < int8 < 1e13 and 1e8 < int8_rates["8"] < 1e13 and 0 <= int8_dot < 1e-2
     else:
         assert int8 == int8_dot == 0 and int8_rates == {}
+
+
+def test_one_row_dot_table_and_paged_attention_rate():
+    """Seconds per one-row dot by matrix size (square, K a multiple of 64: the bytes are
+    K^2 x 4 for float32, K^2 + 4K for int8 codes and scales), and the FLOP/s of the
+    engine's online paged attention."""
+    table = hardware.measure_matvec_seconds(sizes=(2**16, 2**20), nbytes=2**21, repeats=2)
+    assert [b for b, _ in table] == [128**2 * 4, 512**2 * 4]
+    assert all(1e-8 < s < 1e-1 for _, s in table)
+    int8 = hardware.measure_matvec_seconds(int8=True, sizes=(2**18,), nbytes=2**20, repeats=1)
+    assert int8 == [] if not cpu_quant_matmul.available() else (
+        int8[0][0] == 512**2 + 4 * 512 and 1e-8 < int8[0][1] < 1e-1)
+    rates = hardware.measure_paged_attention(rows=(2, 4), layers=2, repeats=2)
+    assert set(rates) == {"2", "4"} and all(1e6 < r < 1e13 for r in rates.values())
+    assert 1e6 < hardware.measure_decode_attention(keys=64, layers=2, repeats=2) < 1e13
 
 
 def test_table_lookup_by_device_kind():

@@ -2,22 +2,26 @@
 Model", and the roofline predictor's terms follow from the model config by hand."""
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from hpllm.config import make_config
 from hpllm.perf import sizing
 from hpllm.perf.hardware import CHIPS
 from hpllm.compress.quantize import quantize_params
-from hpllm.model.transformer import init_params
-from hpllm.perf.roofline import (OPS_OUTSIDE_LAYERS, OPS_PER_LAYER, MeshShape, Workload,
-                                 matmul_params, matmul_weight_bytes, predict)
+from hpllm.model.kv_cache import DenseKVCache
+from hpllm.model.transformer import forward, init_params, unstack_layers
+from hpllm.perf.roofline import (DECODE_OPS_PER_LAYER, OPS_OUTSIDE_LAYERS, MeshShape,
+                                 Workload, matmul_params, matmul_weight_bytes, predict)
 from hpllm.quantized import is_quantized
 from known_hardware import write_known_figures
 
@@ -83,7 +87,7 @@ def test_decode_on_a_cpu_adds_the_measured_matvec_and_dispatch_terms():
         assert terms[name].memory_s == pytest.approx(terms[name].bytes / 20e9)
     assert terms["attention (KV read)"].memory_s == pytest.approx(
         terms["attention (KV read)"].bytes / CHIPS["h100"].hbm_bandwidth)
-    launches = config.n_layers * OPS_PER_LAYER + OPS_OUTSIDE_LAYERS
+    launches = config.n_layers * DECODE_OPS_PER_LAYER + OPS_OUTSIDE_LAYERS
     assert terms["dispatch"].seconds == pytest.approx(launches * 1e-6 + 50e-6)
     assert pred.step_s == pytest.approx(sum(t.seconds for t in pred.terms))
     assert "dispatch" not in {t.name for t in plain.terms}  # accelerators: no such terms
@@ -231,3 +235,83 @@ def test_cli_quantized_and_engine_workloads(tmp_path):
     out = subprocess.run(base[:-3] + ["--quant", "int3"], capture_output=True, text=True,
                          timeout=120, env=env)
     assert out.returncode == 2 and "invalid choice: 'int3'" in out.stderr
+
+
+# Measured one-row dot times by matrix bytes (float32 and int8) and the paged kernel's rate.
+TABLE_CPU = dataclasses.replace(
+    CPU, matvec_dot_s=5e-6, int8_matvec_dot_s=9e-6,
+    matvec_seconds={"float32": [[5e5, 20e-6], [4e6, 110e-6]], "int8": [[1e5, 8e-6],
+                                                                     [1e6, 30e-6]]},
+    paged_attention_flops={"8": 1e10, "32": 2e10}, decode_attention_flops=4e9)
+
+
+def test_one_row_dots_take_the_measured_time_of_their_size():
+    config = make_config("smollm2-135m", []).model  # dim 576, KV 192, hidden 1536
+    decode = Workload("decode", 1, context=256)
+
+    def between(b, b0, s0, b1, s1):  # the table's straight line
+        return s0 + (s1 - s0) * (b - b0) / (b1 - b0)
+
+    for quant, rows in (("", 0), ("int8", 4)):
+        pred = predict(config, decode, TABLE_CPU, compute_dtype="float32", quant=quant)
+        terms = {t.name: t for t in pred.terms}
+        if quant:  # codes + a float32 scale per output row; all inside the table but q/o
+            qo, kv, mlp = (576 * 576 + 576 * rows, 192 * 576 + 192 * rows,
+                           1536 * 576 + 1536 * rows)
+            line = functools.partial(between, b0=1e5, s0=8e-6, b1=1e6, s1=30e-6)
+            # the 49152 x 576 output projection is beyond the table: the largest's rate
+            output = 30e-6 * (49152 * 576 + 49152 * rows) / 1e6
+            down = 576 * 1536 + 576 * rows  # 576 output rows, each with its scale
+            layer = 2 * line(qo) + 2 * line(kv) + 2 * line(mlp) + line(down)
+        else:
+            qo, kv, mlp = 576 * 576 * 4, 192 * 576 * 4, 1536 * 576 * 4
+            line = functools.partial(between, b0=5e5, s0=20e-6, b1=4e6, s1=110e-6)
+            output = 110e-6 * 49152 * 576 * 4 / 4e6
+            layer = 2 * line(qo) + 2 * 20e-6 + 3 * line(mlp)  # K/V: below the table
+        assert terms["weight matmuls"].memory_s == pytest.approx(30 * layer)
+        assert terms["output projection"].memory_s == pytest.approx(output)
+        # the dots' launches and fixed costs are in their times, not in dispatch again
+        launches = 30 * (DECODE_OPS_PER_LAYER - 7) + OPS_OUTSIDE_LAYERS - 1
+        assert terms["dispatch"].seconds == pytest.approx(launches * 5e-7 + 5e-5)
+        # one token over the dense cache at the measured attention rate: 9 heads of 64
+        attention = terms["attention (KV read)"]
+        assert attention.flops == 4 * 30 * 9 * 64 * 256
+        assert attention.compute_s == pytest.approx(attention.flops / 4e9)
+    # several rows compute at the batched rate, as without a table
+    eight = predict(config, Workload("engine", 8, context=256), TABLE_CPU,
+                    compute_dtype="float32")
+    weights = next(t for t in eight.terms if t.name == "weight matmuls")
+    assert weights.memory_s == pytest.approx(weights.bytes / 30e9)
+
+
+def test_engine_attention_at_the_measured_paged_kernel_rate():
+    config = make_config("smollm2-135m", []).model  # 30 layers, 9 heads of 64
+    for batch, context, rows, keys, rate in ((5, 300, 8, 512, 1e10), (32, 256, 32, 256, 2e10)):
+        pred = predict(config, Workload("engine", batch, context=context), TABLE_CPU,
+                       compute_dtype="float32")
+        attention = next(t for t in pred.terms if t.name == "attention (KV read)")
+        # every padded row over whole 256-key steps of the online kernel
+        assert attention.flops == 4 * rows * 30 * 9 * 64 * keys
+        assert attention.compute_s == pytest.approx(attention.flops / rate)
+    plain = predict(config, Workload("engine", 32, context=256), CPU, compute_dtype="float32")
+    attention = next(t for t in plain.terms if t.name == "attention (KV read)")
+    assert attention.flops == 4 * 32 * 30 * 9 * 64 * 256  # no rate measured: the napkin's
+    assert attention.compute_s == pytest.approx(attention.flops / 3e11)
+
+
+def test_decode_launches_what_xla_compiles():
+    """The dispatch term's ops per layer are the thunks XLA:CPU's compiled decode step runs
+    (fusions and dots; not parameters or bitcasts), counted over the tiny model's layers.
+    (With int8 weights the dots become kernel calls and the count stays within one.)"""
+    model = make_config("tiny", []).model
+    params = unstack_layers(init_params(model, jax.random.key(0)))
+    cache = DenseKVCache.create(model, 1, 32, "float32")
+    step = jax.jit(lambda p, t, pos, c: forward(p, t, pos, model, cache=c))
+    one = jnp.zeros((1, 1), jnp.int32)
+    text = step.lower(params, one, one + 31, cache).compile().as_text()
+    entry = text[text.index("ENTRY"):].split("\n}\n")[0].splitlines()[1:]
+    opcodes = [m.group(1) for line in entry if (m := re.search(r"= \S+ ([\w-]+)\(", line))]
+    launched = sum(op not in ("parameter", "constant", "bitcast", "tuple",
+                              "get-tuple-element") for op in opcodes)
+    per_layer = (launched - OPS_OUTSIDE_LAYERS) / model.n_layers
+    assert abs(per_layer - DECODE_OPS_PER_LAYER) <= 0.15 * DECODE_OPS_PER_LAYER, per_layer

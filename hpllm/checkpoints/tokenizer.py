@@ -97,15 +97,23 @@ class TextTokenizer:
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         """The prompt text of a conversation, rendered as HF transformers does (jinja2 in a
-        sandbox, trim_blocks and lstrip_blocks)."""
+        sandbox, trim_blocks and lstrip_blocks). `tools`: OpenAI-style function definitions,
+        handed to templates that read a `tools` variable (see `template_takes_tools`)."""
         if not self.chat_template:
             raise ModelError("this model has no chat template")
         return _compile_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
             bos_token=self.hf.id_to_token(self.bos_id) if self.bos_id is not None else "",
             eos_token=self.hf.id_to_token(self.eos_id) if self.eos_id is not None else "")
+
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the chat template renders a `tools` variable (HF's convention for
+        templates that know function calling)."""
+        return bool(self.chat_template) and "tools" in _template_variables(self.chat_template)
 
 
 class StreamDecoder:
@@ -140,6 +148,18 @@ def _compile_template(source: str):
         return env.from_string(source)
     except jinja2.TemplateError as e:
         raise ModelError(f"chat template does not parse: {e}") from None
+
+
+@functools.cache
+def _template_variables(source: str) -> frozenset[str]:
+    import jinja2.meta
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ast = ImmutableSandboxedEnvironment().parse(source)
+    except jinja2.TemplateError:
+        return frozenset()  # rendering reports the error
+    return frozenset(jinja2.meta.find_undeclared_variables(ast))
 
 
 def tokenizer_from_gguf(metadata: dict, name: str = "GGUF") -> TextTokenizer:

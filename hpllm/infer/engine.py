@@ -4,10 +4,11 @@ One step = one schedule (hpllm.infer.scheduler): a jitted decode pass (one token
 running sequence, plus its speculative drafts when enabled) and a jitted prefill pass (a
 chunk of each prefilling sequence), both reading and writing the same block pool through
 per-row block tables (hpllm.infer.paged_model); then one jitted sampling call per pass
-(hpllm.infer.sampling), and each new token goes to its request (hpllm.infer.requests: stop
-conditions, text). `EngineCore` is synchronous and single-threaded; the async engine
-(hpllm.infer.async_engine) drives it from a background thread, the offline `LLM`
-(hpllm.infer.llm) in a loop.
+(hpllm.infer.sampling; rows under a structured-output constraint bring their allowed-token
+masks, hpllm.infer.structured), and each new token goes to its request
+(hpllm.infer.requests: stop conditions, text, the grammar's progress). `EngineCore` is
+synchronous and single-threaded; the async engine (hpllm.infer.async_engine) drives it from a
+background thread, the offline `LLM` (hpllm.infer.llm) in a loop.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from hpllm.infer.speculative.accept import accept_rows
 from hpllm.infer.speculative.control import speculable
 from hpllm.infer.speculative.engine_steps import Speculator
 from hpllm.infer.speculative.proposers import load_distilled_draft
+from hpllm.infer.structured import compile_grammar, fill_masks
 
 
 class EngineCore:
@@ -82,10 +84,13 @@ class EngineCore:
             raise PromptError(f"a sequence of {longest} tokens needs "
                               f"{self.blocks.blocks_for(longest)} KV blocks; the pool has only "
                               f"{self.blocks.num_usable} (raise kv_memory_mb)")
+        grammar = None if params.structured is None else compile_grammar(
+            self.tokenizer, params.structured, self.config.vocab_size)  # cached per schema
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**31))
         now = time.monotonic() if arrival is None else arrival
         req = Request(request_id, text, ids, params, seed,
-                      stop_token_ids(self.tokenizer, params), RequestMetrics(now))
+                      stop_token_ids(self.tokenizer, params), RequestMetrics(now),
+                      grammar=grammar)
         seq = Sequence(list(ids), len(ids), now, request=req)
         req.add_sample(seq, self.tokenizer)
         self.requests[request_id] = req
@@ -163,7 +168,7 @@ class EngineCore:
     # -- speculative decoding (hpllm.infer.speculative.engine_steps) --------------------------
     def _lookahead(self, seq: Sequence) -> int:
         p = seq.request.params
-        if not speculable(p):
+        if not _speculable(p):
             return 0
         # Never draft past max_tokens or the context: every accepted draft is emitted.
         limit = min(p.max_tokens - seq.num_generated, self.max_model_len - len(seq.tokens)) - 1
@@ -183,7 +188,7 @@ class EngineCore:
         logits = self._run(chunks, drafts, n_proposed, tables)
         n_accepted, tokens = jax.device_get(accept_rows(
             logits, jnp.asarray(drafts), q, jnp.asarray(n_proposed), arrays, filters=filters))
-        plain = [r for r, c in enumerate(chunks) if not speculable(c.seq.request.params)]
+        plain = [r for r, c in enumerate(chunks) if not _speculable(c.seq.request.params)]
         if plain:
             for r in plain:
                 self.scheduler.commit(chunks[r])
@@ -208,7 +213,7 @@ class EngineCore:
     def _sample(self, logits, chunks: list[Chunk], touched: dict) -> None:
         """Sample the next token of each chunk's sequence; a request's first sample with
         n > 1 draws n tokens from the same logits and forks the other n - 1 sequences."""
-        picks, rows, targets = [], [], []
+        picks, rows, targets, matchers = [], [], [], []
         for r, c in enumerate(chunks):
             seq, req = c.seq, c.seq.request
             forking = req.params.n > 1 and len(req.seqs) == 1 and seq.num_generated == 0
@@ -217,11 +222,15 @@ class EngineCore:
                 rows.append(SampleRow(req.params, req.seed, index, seq.num_generated,
                                       req.prompt_ids, seq.output_ids))
                 targets.append((seq, index))
+                matchers.append(req.matchers[seq.index])  # forks start from the parent's
         if not picks:
             return
         index = np.zeros(pow2_bucket(len(picks)), np.int32)
         index[:len(picks)] = picks
-        sampled = sample(logits[jnp.asarray(index)], rows)
+        # the masks are computed on the host while the device still runs the forward pass
+        mask = (fill_masks(matchers, len(index), self.config.vocab_size)
+                if any(m is not None for m in matchers) else None)
+        sampled = sample(logits[jnp.asarray(index)], rows, mask)
         # fork before the parent appends its token: children copy the prompt only
         targets = [seq if idx == seq.index else self._fork(seq, idx) for seq, idx in targets]
         for i, seq in enumerate(targets):
@@ -267,3 +276,9 @@ class EngineCore:
                 "spec_accepted": self.speculator.stats.accepted,
                 "spec_rounds": self.speculator.stats.rounds} if self.speculator else {}),
         }
+
+
+def _speculable(params: SamplingParams) -> bool:
+    """Constrained or biased rows do not speculate: drafts are not checked against a grammar
+    and the accept step applies neither the mask nor logit_bias."""
+    return speculable(params) and params.structured is None and not params.logit_bias

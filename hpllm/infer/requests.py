@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from hpllm.infer.generate import PromptError
 from hpllm.infer.sampling import SamplingParams
 from hpllm.infer.scheduler import Sequence
+from hpllm.infer.structured import Grammar
 
 
 @dataclass
@@ -98,6 +99,8 @@ class Request:
     outputs: list[CompletionOutput] = field(default_factory=list)
     decoders: list = field(default_factory=list)
     num_cached_tokens: int = 0
+    grammar: Grammar | None = None  # the compiled structured-output constraint
+    matchers: list = field(default_factory=list)  # each sample's Matcher (None: no grammar)
 
     @property
     def finished(self) -> bool:
@@ -109,13 +112,19 @@ class Request:
         self.outputs.append(CompletionOutput(seq.index, logprobs=[] if self.params.logprobs
                                              is not None else None))
         self.decoders.append(Detokenizer(tokenizer))
+        self.matchers.append(self.grammar.matcher() if self.grammar is not None else None)
 
     def append(self, seq: Sequence, token: int, logprob, top, max_model_len: int):
         """Append a generated token to sample seq.index; returns the finish reason ("stop",
         "length") when the token ends the sample, else None. A stop string is cut from the
-        text (it may span tokens: the search covers the new piece and what precedes it)."""
+        text (it may span tokens: the search covers the new piece and what precedes it). A
+        sample whose grammar is complete stops."""
         p = self.params
         out, detok = self.outputs[seq.index], self.decoders[seq.index]
+        matcher = self.matchers[seq.index]
+        complete = False
+        if matcher is not None:  # a token the grammar refuses (cannot happen) also ends it
+            complete = not matcher.advance(token) or matcher.done
         seq.tokens.append(token)
         out.token_ids.append(token)
         if out.logprobs is not None:
@@ -142,6 +151,8 @@ class Request:
                     i, s = min(hits)
                     out.text = out.text[:i]
                     return self._finish(out, "stop", s)
+        if complete:
+            return self._finish(out, "stop", None)
         if n >= p.max_tokens or len(seq.tokens) >= max_model_len:
             return self._finish(out, "length", None)
         return None

@@ -3,7 +3,8 @@
 One jitted function samples a whole batch whose rows have different parameters (each row's
 temperature, top-k, ... arrive as arrays), so a batch never has to be split by parameters.
 Order of the logit processors, per row (as vLLM/HF do it):
-  penalties (repetition over prompt + output; presence and frequency over output)
+  the structured-output mask (forbidden tokens -> -inf) and logit_bias (added)
+  -> penalties (repetition over prompt + output; presence and frequency over output)
   -> greedy argmax if temperature == 0, else: / temperature -> top-k -> top-p -> min-p -> draw.
 Randomness: row r's key is fold_in(fold_in(key(seed), sample_index), n_generated), so a
 request's draws depend only on its own seed and progress, never on what else is batched.
@@ -20,7 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hpllm.infer.structured import StructuredOutput
+
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 
 
 class SamplingError(ValueError):
@@ -48,6 +52,8 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0  # stop tokens/strings are ignored before this many tokens
     logprobs: int | None = None  # None: none; k: the chosen token's and the top k's
+    structured: StructuredOutput | None = None  # the output must match this constraint
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) pairs
 
     def __post_init__(self):
         # Accept lists (JSON) for the tuple fields; keep the dataclass hashable.
@@ -56,6 +62,12 @@ class SamplingParams:
             if isinstance(value, str):
                 value = (value,)
             object.__setattr__(self, name, tuple(value) if value is not None else ())
+        bias = self.logit_bias or ()
+        if isinstance(bias, dict):  # OpenAI sends {"token id": bias}
+            bias = bias.items()
+        object.__setattr__(self, "logit_bias", tuple(
+            (int(t) if isinstance(t, str) and t.strip().lstrip("-").isdigit() else t, b)
+            for t, b in bias))
 
     def validate(self, vocab_size: int | None = None) -> "SamplingParams":
         def check(ok, param, message):
@@ -100,6 +112,15 @@ class SamplingParams:
         for t in self.stop_token_ids:
             check(is_int(t) and 0 <= t and (vocab_size is None or t < vocab_size),
                   "stop_token_ids", f"{t!r} is not a token id")
+        check(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias",
+              f"at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}")
+        for t, b in self.logit_bias:
+            check(is_int(t) and 0 <= t and (vocab_size is None or t < vocab_size),
+                  "logit_bias", f"{t!r} is not a token id")
+            check(is_num(b) and -100 <= b <= 100, "logit_bias",
+                  f"the bias of token {t} must be a number in [-100, 100], got {b!r}")
+        check(self.structured is None or isinstance(self.structured, StructuredOutput),
+              "structured", "must be a StructuredOutput")
         if self.n > 1 and self.temperature == 0:
             raise SamplingError("n: n > 1 needs temperature > 0 (greedy samples would all be "
                                 "the same)", "n")
@@ -147,9 +168,10 @@ class Sampled:
     top_logprobs: np.ndarray | None
 
 
-def sample(logits, rows: list[SampleRow]) -> Sampled:
+def sample(logits, rows: list[SampleRow], mask: np.ndarray | None = None) -> Sampled:
     """Sample one token for each of the first len(rows) rows of `logits` (B', V), B' >= B
-    (padding rows are ignored)."""
+    (padding rows are ignored). mask: (B', ceil(V / 32)) int32 packed allowed-token bits
+    (hpllm.infer.structured.fill_masks), or None when no row is constrained."""
     b = len(rows)
     pad = logits.shape[0]
     params = [r.params for r in rows]
@@ -169,6 +191,12 @@ def sample(logits, rows: list[SampleRow]) -> Sampled:
             prompt_ids=_pad_ids([r.prompt_ids for r in rows], pad),
             output_ids=_pad_ids([r.output_ids for r in rows], pad),
         )
+    if mask is not None:
+        arrays["mask"] = mask
+    biases = max(len(p.logit_bias) for p in params)
+    if biases:
+        arrays["bias_ids"], arrays["bias_values"] = _bias_arrays(params, pad,
+                                                                 pow2_bucket(biases, 8))
     out = _sample_batch(logits, arrays, penalties=penalties, filters=filters,
                         all_greedy=all_greedy, n_top=pow2_bucket(n_top) if n_top else 0,
                         want_logprobs=want_logprobs)
@@ -204,6 +232,16 @@ def _column(values, dtype, pad: int) -> np.ndarray:
     return out
 
 
+def _bias_arrays(params: list[SamplingParams], rows: int, width: int):
+    """Each row's logit_bias as (rows, width) token ids and values (padding: id 0, bias 0)."""
+    ids = np.zeros((rows, width), np.int32)
+    values = np.zeros((rows, width), np.float32)
+    for r, p in enumerate(params):
+        for j, (t, b) in enumerate(p.logit_bias):
+            ids[r, j], values[r, j] = t, b
+    return ids, values
+
+
 def _pad_ids(lists, rows: int) -> np.ndarray:
     """Token id lists as a (rows, bucket) array padded with -1 (ignored)."""
     width = pow2_bucket(max((len(x) for x in lists), default=1), 16)
@@ -218,6 +256,11 @@ def _pad_ids(lists, rows: int) -> np.ndarray:
 def _sample_batch(logits, a, *, penalties, filters, all_greedy, n_top, want_logprobs):
     logits = logits.astype(jnp.float32)
     raw = logits
+    if "mask" in a:
+        logits = apply_token_mask(logits, a["mask"])
+    if "bias_ids" in a:
+        rows = jnp.arange(logits.shape[0])[:, None]
+        logits = logits.at[rows, a["bias_ids"]].add(a["bias_values"])
     if penalties:
         logits = apply_penalties(logits, a["prompt_ids"], a["output_ids"], a["repetition"],
                                  a["presence"], a["frequency"])
@@ -241,6 +284,14 @@ def _sample_batch(logits, a, *, penalties, filters, all_greedy, n_top, want_logp
         if n_top:
             out["top_logprobs"], out["top_ids"] = jax.lax.top_k(logprobs, n_top)
     return out
+
+
+def apply_token_mask(logits, mask):
+    """logits (B, V); mask (B, ceil(V / 32)) int32, bit i of word w allowing token 32w + i:
+    forbidden tokens -> -inf."""
+    bits = (mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    allowed = bits.reshape(mask.shape[0], -1)[:, :logits.shape[-1]] > 0
+    return jnp.where(allowed, logits, -jnp.inf)
 
 
 def apply_penalties(logits, prompt_ids, output_ids, repetition, presence, frequency):

@@ -83,8 +83,10 @@ def param_shapes(config: ModelConfig) -> dict:
 def init_params(config: ModelConfig, key, dtype=jnp.float32) -> dict:
     """Normal(0, init_std) matrices, unit norm weights; residual-output projections (wo,
     w_down) scaled by 1/sqrt(2 n_layers) so the residual stream's variance does not grow with
-    depth (GPT-2). Each leaf draws from its own key folded from its path, so adding a
-    parameter never changes the others. Pure: jit with out_shardings for sharded init."""
+    depth (GPT-2); the MoE router 1/sqrt(dim) (fan-in), so routing starts decided by each
+    token rather than by near-ties (hpllm/model/moe.py). Each leaf draws from its own key
+    folded from its path, so adding a parameter never changes the others. Pure: jit with
+    out_shardings for sharded init."""
     residual_scale = 1.0 / math.sqrt(2 * config.n_layers)
 
     def leaf(path, shape):
@@ -93,6 +95,8 @@ def init_params(config: ModelConfig, key, dtype=jnp.float32) -> dict:
             return jnp.ones(shape, dtype)
         subkey = jax.random.fold_in(key, _stable_hash(name))
         std = config.init_std * (residual_scale if ("wo" in name or "w_down" in name) else 1.0)
+        if "router" in name:  # fan-in scale: logits ~ N(0, 1), not near-uniform (moe.py)
+            std = 1.0 / math.sqrt(config.dim)
         return (std * jax.random.normal(subkey, shape, jnp.float32)).astype(dtype)
 
     return jax.tree_util.tree_map_with_path(leaf, param_shapes(config),

@@ -10,7 +10,14 @@ pipeline (reverse ppermutes, the same schedule run backwards) for free: GPipe's 
 then all backward" with every microbatch's activations kept until its backward pass.
 
 Fraction of stage-steps idle: (P-1) / (M+P-1) in each direction (`bubble_fraction`; `gpipe`
-also counts the busy steps it actually ran, which the tests check against it).
+also counts the busy steps it actually ran, which the tests check against it). Every stage
+keeps all M microbatches' activations until the backward: hpllm/parallel/one_f_one_b.py is
+the schedule that keeps at most P (same bubble).
+
+Memory: the training state's `layers` axis is sharded over "stage" (the sharding rules), so
+stage p's devices hold only its L/P layers' weights, gradients and AdamW moments; the
+reshape (L, ...) -> (P, L/P, ...) below splits that axis where it is already split, so it
+moves no data.
 
 Only "stage" is manual inside the pipeline; the other mesh axes (data, fsdp, tensor, expert)
 stay under the sharding rules, so data/FSDP/tensor/expert parallelism compose with it.
@@ -43,9 +50,21 @@ def gpipe_schedule(stages: int, microbatches: int) -> np.ndarray:
     return np.where((mb >= 0) & (mb < microbatches), mb, -1)
 
 
-def bubble_fraction(stages: int, microbatches: int) -> float:
-    """Idle fraction of the stage-steps of a GPipe schedule: (P-1) / (M+P-1)."""
+SCHEDULES = ("gpipe", "1f1b")
+
+
+def bubble_fraction(stages: int, microbatches: int, schedule: str = "gpipe") -> float:
+    """Idle fraction of the stage-steps: (P-1) / (M+P-1) for GPipe (M+P-1 steps each way,
+    M busy) and for 1F1B (2(M+P-1) units of one forward or one backward, 2M busy)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r} (known: {SCHEDULES})")
     return (stages - 1) / (microbatches + stages - 1)
+
+
+def split_microbatches(a, microbatches: int):
+    """(B, ...) -> (B/M, M, ...): microbatch m (axis 1) is rows m, m+M, ...; each device's
+    rows spread evenly over the microbatches, so the split moves no data."""
+    return a.reshape(a.shape[0] // microbatches, microbatches, *a.shape[1:])
 
 
 def _gpipe_local(stage_params, x, extras, *, stage_fn, microbatches: int, stages: int):
@@ -55,7 +74,7 @@ def _gpipe_local(stage_params, x, extras, *, stage_fn, microbatches: int, stages
     stage = jax.lax.axis_index(AXIS)
     params = jax.tree.map(lambda a: a[0], stage_params)
     m = microbatches
-    split = lambda a: a.reshape(a.shape[0] // m, m, *a.shape[1:])  # noqa: E731
+    split = functools.partial(split_microbatches, microbatches=m)
     # inputs arrive the same on every stage; what a stage computes from them differs
     xs = jax.lax.pcast(split(x), AXIS, to="varying")
     ex = jax.tree.map(split, extras)
@@ -111,14 +130,35 @@ def gpipe(stage_fn, stage_params, x, extras, *, microbatches: int, mesh=None):
         stage_params, x, extras)
 
 
-def _rules_inside_stage():
+def rules_inside_stage():
     """The training step's sharding rules (if any) re-targeted at the mesh as seen inside the
     stage's shard_map, where "stage" is manual: the activation constraints of the other axes
-    then still apply, and name no axis that is manual here."""
+    then still apply, and name no axis that is manual here (the rules' "stage" is dropped:
+    "vocab" splits over it outside the pipeline)."""
     active = sharding.active_rules()
     if active is None:
         return contextlib.nullcontext()
-    return sharding.use_rules(jax.sharding.get_abstract_mesh(), active[1])
+    rules = {k: tuple(a for a in v if a != AXIS) for k, v in active[1].items()}
+    return sharding.use_rules(jax.sharding.get_abstract_mesh(), rules)
+
+
+def in_stage(fn):
+    """fn run under `rules_inside_stage` (a stage function, or the last stage's loss)."""
+    @functools.wraps(fn)
+    def wrapped(*args):
+        with rules_inside_stage():
+            return fn(*args)
+    return wrapped
+
+
+def split_stages(layers, mesh):
+    """Stacked layers (leading axis L) -> (P, L/P, ...) for the mesh's P stages. The layers
+    axis is sharded over "stage" already, so the reshape moves no data."""
+    stages = mesh.shape[AXIS] if mesh is not None and AXIS in mesh.axis_names else 1
+    n_layers = jax.tree.leaves(layers)[0].shape[0]
+    if n_layers % stages:
+        raise ValueError(f"n_layers ({n_layers}) is not divisible into {stages} stages")
+    return jax.tree.map(lambda a: a.reshape(stages, n_layers // stages, *a.shape[1:]), layers)
 
 
 def pipeline_layers(stack_fn, layers, x, extras, *, microbatches: int, mesh=None):
@@ -128,16 +168,6 @@ def pipeline_layers(stack_fn, layers, x, extras, *, microbatches: int, mesh=None
     (pytree of (B, ...): positions, segment ids) go with their microbatch. Returns x and the
     stats, as `stack_fn(layers, x, extras)` would (stats summed over microbatches)."""
     mesh = mesh if mesh is not None else sharding.context_mesh()
-    stages = mesh.shape[AXIS] if mesh is not None and AXIS in mesh.axis_names else 1
-    n_layers = jax.tree.leaves(layers)[0].shape[0]
-    if n_layers % stages:
-        raise ValueError(f"n_layers ({n_layers}) is not divisible into {stages} stages")
-
-    def stage_fn(stage_layers, x, ex):
-        with _rules_inside_stage():
-            return stack_fn(stage_layers, x, ex)
-
-    by_stage = jax.tree.map(lambda a: a.reshape(stages, a.shape[0] // stages, *a.shape[1:]),
-                            layers)
-    x, stats, _ = gpipe(stage_fn, by_stage, x, extras, microbatches=microbatches, mesh=mesh)
+    x, stats, _ = gpipe(in_stage(stack_fn), split_stages(layers, mesh), x, extras,
+                        microbatches=microbatches, mesh=mesh)
     return x, stats

@@ -14,6 +14,12 @@ the same table gives
                adds are not repeated on every device; XLA turns the all-reduce after each
                block into reduce-scatter + all-gather)
 
+    stage=N    pipeline (hpllm/parallel/pipeline.py): the stacked `layers` axis split N ways,
+               so each stage holds only its own layers' weights, gradients and optimizer
+               state; the embedding's vocab rows split N ways as well (the output
+               projection and loss, outside the pipeline, are then vocab-parallel over
+               stages instead of repeated on each)
+
 and every combination. A dimension takes the mesh axes of its rule that earlier dimensions
 of the same array have not used (activations are (batch, seq, embed): batch takes fsdp, so
 embed stays whole) and that divide its size (4 KV heads on tensor=8 stay replicated).
@@ -45,8 +51,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),
     "head_dim": (),
     "mlp": ("tensor",),
-    "vocab": ("tensor",),
-    "layers": (),
+    "vocab": ("tensor", "stage"),  # pipeline: the embedding is split over stages too
+    "layers": ("stage",),  # pipeline: stage p holds only its L/P layers
     "experts": ("expert",),
     "stage": ("stage",),
 }

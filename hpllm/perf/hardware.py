@@ -9,6 +9,9 @@ the measurement:
 - read and copy bandwidth: a small C++ probe (kernels/csrc/memory_probe.cc, built like the
   quantized-matmul kernels) with one thread per core, or NumPy in threads without a compiler.
   A jitted reduction runs on one XLA thread and sees about half of what the cores can read.
+- what a decode step's pieces cost through the runtime: one-row weight dots by size, batched
+  weight matmuls at a few rows, attention over a dense cache and the engine's paged one, the
+  cost per launched op (the roofline's CPU terms).
 
 A measurement taken while other work runs (1-minute load average above half the cores) is
 used but not cached, unless forced: it would make every later prediction wrong.
@@ -31,7 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from hpllm.cache import cache_dir
-from hpllm.kernels import cpu_quant_matmul
+from hpllm.kernels import cpu_quant_matmul, paged_attention
+from hpllm.config import ModelConfig
+from hpllm.model.kv_cache import DenseKVCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +70,16 @@ class Chip:
     matvec_dot_s: float = 0.0
     int8_matvec_dot_s: float = 0.0
     batched_flops: dict = dataclasses.field(default_factory=dict)
+    # Seconds of one weight dot at one row by the matrix's bytes ({"float32"|"int8": [[bytes,
+    # seconds], ...]}): small matrices cost more per byte (fixed cost, fork/join, caches),
+    # which one bandwidth and one per-dot figure miss (measure_matvec_seconds).
+    matvec_seconds: dict = dataclasses.field(default_factory=dict)
+    # FLOP/s of the paged engine's online attention at a few rows ({rows: FLOP/s}): gathering
+    # the blocks and the small per-head dots run far below the matmul peak.
+    paged_attention_flops: dict = dataclasses.field(default_factory=dict)
+    # And of one-token decode attention over a dense cache (FLOP/s): XLA:CPU transposes the
+    # layer's whole cache into a copy for its dots, far slower than reading it.
+    decode_attention_flops: float = 0.0
 
     def peak(self, dtype: str = "bfloat16") -> float:
         return self.peak_flops.get(dtype) or self.peak_flops["bfloat16"]
@@ -239,7 +254,9 @@ def _dot_chain(rows: int, nbytes: int, matrix_bytes: int, repeats: int, dtype: s
     and `nbytes` in all (beyond the caches): XLA's dot in `dtype`, or with `int8` the CPU
     int8 kernel (hpllm/kernels/cpu_quant_matmul.py; codes + float32 row scales as bytes)."""
     itemsize = 1 if int8 else jnp.dtype(dtype).itemsize
-    k = int((matrix_bytes / itemsize) ** 0.5)
+    # K a multiple of 64, as models' are: the int8 kernel's K % 32 tail loop would otherwise
+    # add a cost no model pays (a 724-wide int8 row ran 2x slower than a 704-wide one)
+    k = max(64, round((matrix_bytes / itemsize) ** 0.5 / 64) * 64)
     count = max(1, nbytes // matrix_bytes)
     # Separate arrays, as a model's parameters are: slices of one stacked array would be
     # fused into the dots, which XLA:CPU then runs as a plain loop. x stays at ones.
@@ -323,7 +340,95 @@ def measure_batched_flops(int8: bool = False, rows=BATCH_ROWS, nbytes: int = 128
     Empty where the int8 kernel is unavailable."""
     if int8 and not cpu_quant_matmul.available():
         return {}
-    return {str(m): _layer_chain_flops(m, nbytes, dim, int8, 5) for m in rows}
+    return {str(m): _layer_chain_flops(m, nbytes, dim, int8, 20) for m in rows}
+
+
+# Matrix sizes (bytes) of the one-row dot table: a small model's projections (SmolLM2's int8
+# K/V are 110 KB) up to where a dot streams at the memory's rate.
+MATVEC_SIZES = tuple(2**p for p in range(16, 23))  # 64 KiB .. 4 MiB
+
+
+def measure_matvec_seconds(int8: bool = False, sizes=None, nbytes: int = 256 * 2**20,
+                           repeats: int = 20) -> list:
+    """[[bytes of one matrix, seconds per dot], ...] of one-row dot chains (_dot_chain, each
+    over `nbytes` of separate square matrices, 8x the 32 MiB L3 of the development machine:
+    over 64 MiB part of each pass still hit it, 10-35 % faster) at each of `sizes`: what
+    one weight dot of a decode step costs, streaming and fixed costs together; the roofline
+    interpolates it at each of a model's matrices. XLA's float32 dot from 256 KiB (the same
+    shapes as the int8 kernel's from 64 KiB; and compiling a chain of a thousand XLA dots
+    takes minutes), or the int8 kernel (empty where it is not available)."""
+    if int8 and not cpu_quant_matmul.available():
+        return []
+    sizes = sizes or (MATVEC_SIZES if int8 else MATVEC_SIZES[2:])
+    table = []
+    for size in sizes:
+        weight_bytes, seconds, count = _dot_chain(1, max(nbytes, 4 * size), size, repeats,
+                                                  int8=int8)
+        table.append([weight_bytes / count, seconds / count])
+    return table
+
+
+def measure_paged_attention(rows=BATCH_ROWS, keys: int = 256, layers: int = 8,
+                            n_kv_heads: int = 3, group: int = 3, head_dim: int = 64,
+                            block_size: int = 16, table_pages: int = 512,
+                            repeats: int = 10) -> dict:
+    """{rows (str): FLOP/s} of the paged engine's decode attention (the online kernel of
+    hpllm/kernels/paged_attention.py, as the engine runs it on CPU): one query per row over
+    `keys` keys in blocks of its own, `layers` dependent calls on pools of their own (beyond
+    the caches at many rows), block tables `table_pages` wide as the engine makes them (8k
+    tokens; XLA:CPU ran a table exactly one kernel step wide 8x slower); FLOPs counted as
+    4 x heads x head_dim x keys per row. Gathering the blocks and the small per-head dots,
+    not the memory's bandwidth, set the rate."""
+    pages, heads = keys // block_size, n_kv_heads * group
+    out = {}
+    for m in rows:
+        shape = (1 + m * pages, block_size, n_kv_heads, head_dim)
+        pools = [(jnp.full(shape, 0.01, jnp.float32), jnp.full(shape, 0.01, jnp.float32))
+                 for _ in range(layers)]
+        tables = jnp.zeros((m, max(table_pages, pages)), jnp.int32).at[:, :pages].set(
+            1 + jnp.arange(m * pages, dtype=jnp.int32).reshape(m, pages))
+        positions = jnp.full((m, 1), keys - 1, jnp.int32)
+
+        def chain(q, pools, tables, positions):  # arguments, as the engine's are
+            for k, v in pools:  # dependent, as the layers are
+                q = q + paged_attention.paged_attention_online(q, k, v, tables, positions)
+            return q
+
+        run = jax.jit(chain)
+        q = jnp.ones((m, 1, heads, head_dim), jnp.float32)
+        seconds = min(time_calls(lambda: run(q, pools, tables, positions), repeats))
+        out[str(m)] = 4 * m * heads * head_dim * keys * layers / seconds
+    return out
+
+
+def measure_decode_attention(keys: int = 256, layers: int = 30, n_kv_heads: int = 3,
+                             group: int = 3, head_dim: int = 64, repeats: int = 20) -> float:
+    """FLOP/s (4 x heads x head_dim x keys per token) of one token's attention over a dense
+    KV cache of `keys` slots, as a decode step runs it: each of `layers` dependent layers
+    writes its new key and value into the stacked cache (donated, updated in place) and
+    attends over it (DenseKVCache.update and attend, impl "auto")."""
+    heads = n_kv_heads * group
+    config = ModelConfig(dim=heads * head_dim, n_layers=layers, n_heads=heads,
+                         n_kv_heads=n_kv_heads, max_seq_len=keys)
+    positions = jnp.full((1, 1), keys - 1, jnp.int32)
+
+    def chain(q, cache, positions):
+        for layer in range(layers):
+            new = q[:, :, :n_kv_heads]
+            cache = cache.update(layer, new, new, positions)
+            q = q + cache.attend(layer, q, positions, impl="auto")
+        return q, cache
+
+    run = jax.jit(chain, donate_argnums=1)
+    q = jnp.full((1, 1, heads, head_dim), 0.01, jnp.float32)
+    state = [DenseKVCache.create(config, 1, keys)]
+
+    def step():
+        out, state[0] = run(q, state[0], positions)
+        return out
+
+    seconds = min(time_calls(step, repeats))
+    return 4 * heads * head_dim * keys * layers / seconds
 
 
 def measure_dispatch_overhead(ops: int = 256, repeats: int = 20) -> tuple[float, float]:
@@ -382,8 +487,8 @@ def _cpu_fingerprint() -> str:
 
 
 # Entries of older probes (one-thread reads, no load recorded; no int8-kernel, per-dot or
-# layer-shaped batched chains) are measured again.
-PROBE_VERSION = 4
+# layer-shaped batched chains; no one-row dot table or attention rates) are measured again.
+PROBE_VERSION = 6
 _UNCACHED: dict = {}  # fingerprint -> figures measured on a busy machine, this process only
 
 
@@ -413,6 +518,10 @@ def measure_cpu(n_devices: int = 1, method: str = "auto") -> dict:
                  int8_matvec_bandwidth=int8_matvec, int8_matvec_dot_s=int8_dot,
                  batched_flops={"float32": measure_batched_flops(),
                                 "int8": measure_batched_flops(int8=True)},
+                 matvec_seconds={"float32": measure_matvec_seconds(),
+                                 "int8": measure_matvec_seconds(int8=True)},
+                 paged_attention_flops=measure_paged_attention(),
+                 decode_attention_flops=measure_decode_attention(),
                  copy_bandwidth=measure_copy_bandwidth(method=method),
                  probe=f"{probe_method(method)}, {n} threads", probe_version=PROBE_VERSION,
                  cores=n, load_average=list(load), busy=is_busy(load[0], n),
@@ -486,7 +595,10 @@ def measured_cpu(refresh: bool = False, force: bool = False) -> Chip:
                 int8_matvec_bandwidth=entry.get("int8_matvec_bandwidth", 0.0),
                 matvec_dot_s=entry.get("matvec_dot_s", 0.0),
                 int8_matvec_dot_s=entry.get("int8_matvec_dot_s", 0.0),
-                batched_flops=entry.get("batched_flops", {}))
+                batched_flops=entry.get("batched_flops", {}),
+                matvec_seconds=entry.get("matvec_seconds", {}),
+                paged_attention_flops=entry.get("paged_attention_flops", {}),
+                decode_attention_flops=entry.get("decode_attention_flops", 0.0))
 
 
 def current_chip() -> Chip:

@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 from hpllm.config import ModelConfig
+from hpllm.kernels.paged_attention import ONLINE_STEP_TOKENS
 
 
 def matmul_params(config: ModelConfig, active_only: bool = True) -> int:
@@ -42,11 +43,16 @@ def matmul_weight_bytes(config: ModelConfig, dtype: str = "float32", quant: str 
         raise ValueError("quantized mixture-of-experts weights are not counted (experts stay "
                          "float when quantized)")
     row = QUANT_ROW_BYTES[quant]
-    qd, kvd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    matrices = [(qd, c.dim), (kvd, c.dim), (kvd, c.dim), (c.dim, qd),  # (N, K): q, k, v, o
-                (c.hidden_dim, c.dim), (c.hidden_dim, c.dim), (c.dim, c.hidden_dim)]
-    layer = sum(n * k + n * row for n, k in matrices)
+    layer = sum(n * k + n * row for n, k in layer_matrices(c))
     return {"layers": c.n_layers * layer, "output": c.vocab_size * (c.dim + row)}
+
+
+def layer_matrices(config: ModelConfig) -> list:
+    """(N, K) of a dense layer's seven weight matrices: q, k, v, o, gate, up, down."""
+    c = config
+    qd, kvd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    return [(qd, c.dim), (kvd, c.dim), (kvd, c.dim), (c.dim, qd),
+            (c.hidden_dim, c.dim), (c.hidden_dim, c.dim), (c.dim, c.hidden_dim)]
 
 
 def attention_flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -89,6 +95,10 @@ _WEIGHT_TERMS = ("weight matmuls", "output projection")
 # gate, up, down), 2 attention dots and the softmax, 2 norms, RoPE, 2 KV-cache writes, the
 # SwiGLU gate and 2 residual adds. Outside the layers: embedding, final norm, output dot.
 OPS_PER_LAYER = 18
+# What XLA:CPU really launches per layer of a one-token decode step (counted in the compiled
+# program, tiny to SmolLM2-135M, float32 or int8: 36-38): the 7 weight dots and ~29 loop
+# fusions, as it fuses the decode step's small ops far less than the napkin's list.
+DECODE_OPS_PER_LAYER = 36
 OPS_OUTSIDE_LAYERS = 3
 WEIGHT_DOTS_PER_LAYER = 7  # q, k, v, o, gate, up, down (and the output projection outside)
 
@@ -346,7 +356,30 @@ def predict(model: ModelConfig, workload: Workload, chip, mesh: MeshShape = Mesh
         weight = t.name in _WEIGHT_TERMS
         t.compute_s = t.flops / (weights_peak if weight else peak)
         t.memory_s = t.bytes / (weights_bw if weight else bw)
-    if weights_bw != bw:
+    dot_kind = "int8" if quant else compute_dtype
+    dot_times = (w.decoding and rows == 1 and
+                 one_row_dot_seconds(c, chip, dot_kind, quant, mesh.tensor))
+    if dot_times:  # each weight dot at the time measured for its size: streaming and fixed
+        for t in terms:
+            t.memory_s = dot_times.get(t.name, t.memory_s)
+        notes.append(f"one row: each weight dot takes the measured time of a "
+                     f"{'int8 kernel' if quant else 'XLA'} dot of its size (fixed cost and "
+                     f"streaming together)")
+    if w.kind == "decode" and chip.decode_attention_flops:
+        # XLA:CPU transposes each layer's whole cache into a copy for the attention's dots
+        attention_term = next(t for t in terms if t.name == "attention (KV read)")
+        attention_term.compute_s = attention_term.flops / chip.decode_attention_flops
+        notes.append(f"attention at the measured {chip.decode_attention_flops / 1e9:.1f} "
+                     f"GFLOP/s of one-token attention over a dense cache (its transposes)")
+    if w.kind == "engine":
+        attention_term = next(t for t in terms if t.name == "attention (KV read)")
+        flops, seconds = paged_attention_seconds(c, w, chip, heads_dev)
+        if seconds:
+            attention_term.flops, attention_term.compute_s = flops, seconds
+            notes.append(f"paged attention: the online kernel's {flops / 1e9:.2f} GFLOP (padded "
+                         f"rows, {ONLINE_STEP_TOKENS}-key steps) at its measured "
+                         f"{flops / seconds / 1e9:.1f} GFLOP/s (gathering blocks, small dots)")
+    if weights_bw != bw and not dot_times:
         notes.append(f"decode weights stream at the measured {'int8 kernel' if quant else 'XLA'}"
                      f" mat-vec {weights_bw / 1e9:.1f} GB/s (the cores can read "
                      f"{bw / 1e9:.1f} GB/s)")
@@ -355,12 +388,16 @@ def predict(model: ModelConfig, workload: Workload, chip, mesh: MeshShape = Mesh
                      f"{weights_peak / 1e9:.0f} GFLOP/s of a dot chain with that many rows "
                      f"(large-matmul peak {peak / 1e9:.0f})")
     if chip.op_overhead_s or chip.call_overhead_s:
-        launches = passes * (c.n_layers * OPS_PER_LAYER + OPS_OUTSIDE_LAYERS)
+        per_layer = DECODE_OPS_PER_LAYER if w.decoding else OPS_PER_LAYER
+        launches = passes * (c.n_layers * per_layer + OPS_OUTSIDE_LAYERS)
+        if dot_times:  # the dots' launches are in their measured times
+            launches -= c.n_layers * WEIGHT_DOTS_PER_LAYER + 1
         dispatch = Term("dispatch", 0.0, 0.0)
         dispatch.overhead_s = launches * chip.op_overhead_s + chip.call_overhead_s
         notes.append(f"dispatch: {launches} ops x {chip.op_overhead_s * 1e6:.2f} us + "
                      f"{chip.call_overhead_s * 1e6:.0f} us per call (measured)")
-        per_dot = (chip.int8_matvec_dot_s if quant else chip.matvec_dot_s) if w.decoding else 0
+        per_dot = ((chip.int8_matvec_dot_s if quant else chip.matvec_dot_s)
+                   if w.decoding and not dot_times else 0)
         if per_dot:  # the weight dots' own fixed cost, beyond streaming (their fork/join)
             dots = passes * (c.n_layers * WEIGHT_DOTS_PER_LAYER + 1)
             dispatch.overhead_s += dots * per_dot
@@ -439,9 +476,60 @@ def batched_rate(chip, kind: str, rows: int) -> float:
     """The measured FLOP/s of a dot chain (chip.batched_flops[kind], "float32" or "int8")
     at the fewest measured rows >= `rows` (the engine pads rows up to a power of two);
     0 where none was measured or `rows` is beyond them (then the large-matmul peak holds)."""
-    measured = {int(m): r for m, r in (chip.batched_flops or {}).get(kind, {}).items()}
+    return _rate_at_rows((chip.batched_flops or {}).get(kind, {}), rows)
+
+
+def _rate_at_rows(rates: dict, rows: int) -> float:
+    measured = {int(m): r for m, r in rates.items()}
     above = [m for m in measured if m >= rows]
     return measured[min(above)] if above else 0.0
+
+
+def matvec_seconds(chip, kind: str, nbytes: float) -> float:
+    """Seconds of one one-row weight dot of `nbytes` from the chip's measured table
+    (chip.matvec_seconds[kind]: [[bytes, seconds], ...]): linear between the measured sizes,
+    the smallest's time below them, and beyond the largest at the largest's bytes/s (big
+    matrices just stream). 0 without a table."""
+    table = sorted((chip.matvec_seconds or {}).get(kind) or [])
+    if not table:
+        return 0.0
+    if nbytes >= table[-1][0]:
+        return table[-1][1] * nbytes / table[-1][0]
+    if nbytes <= table[0][0]:
+        return table[0][1]
+    for (b0, s0), (b1, s1) in zip(table, table[1:]):
+        if nbytes <= b1:
+            return s0 + (s1 - s0) * (nbytes - b0) / (b1 - b0)
+
+
+def one_row_dot_seconds(config: ModelConfig, chip, kind: str, quant: str = "",
+                        tensor: int = 1) -> dict:
+    """{"weight matmuls": seconds, "output projection": seconds} of one token's weight dots,
+    each of the model's matrices (N, K) at the time measured for its bytes (matvec_seconds;
+    `quant`: codes plus QUANT_ROW_BYTES per row, as matmul_weight_bytes counts them). {}
+    without a table for `kind`, or for mixture-of-experts layers (not in it)."""
+    if not (chip.matvec_seconds or {}).get(kind) or config.n_experts:
+        return {}
+    row, item = QUANT_ROW_BYTES.get(quant, 0), 1 if quant else _BYTES[kind]
+
+    def dot(n, k):
+        return matvec_seconds(chip, kind, (n * k * item + n * row) / tensor)
+
+    return {"weight matmuls": config.n_layers * sum(dot(n, k) for n, k in layer_matrices(config)),
+            "output projection": dot(config.vocab_size, config.dim)}
+
+
+def paged_attention_seconds(config: ModelConfig, workload: Workload, chip,
+                            heads: float) -> tuple[float, float]:
+    """(FLOPs, seconds) of the paged engine step's attention at the measured rate of its
+    online kernel (chip.paged_attention_flops, at the fewest measured rows >= the step's).
+    The kernel computes every row the engine pads to (a power of two) over whole steps of
+    ONLINE_STEP_TOKENS keys, whatever the context. (0, 0) where no rate was measured."""
+    rows = 1 << max(0, math.ceil(workload.batch) - 1).bit_length()
+    rate = _rate_at_rows(chip.paged_attention_flops or {}, rows)
+    keys = -(-workload.context // ONLINE_STEP_TOKENS) * ONLINE_STEP_TOKENS
+    flops = 4 * rows * config.n_layers * heads * config.head_dim * keys
+    return (flops, flops / rate) if rate else (0.0, 0.0)
 
 
 def plot(predictions: list, path, measured: list | None = None) -> None:

@@ -1,13 +1,14 @@
 """OpenAI-compatible HTTP server over the async engine: `/v1/completions` and
-`/v1/chat/completions` (streaming as server-sent events), `/v1/models`, `/health`,
-`/tokenize`, `/detokenize`, `/metrics` (Prometheus) and `/stats` (the engine's counters).
+`/v1/chat/completions` (streaming as server-sent events), `/v1/embeddings`, `/v1/models`,
+`/health`, `/tokenize`, `/detokenize`, `/metrics` (Prometheus) and `/stats` (the engine's counters).
 
     app = create_app(AsyncEngine(core), tokenizer, "smollm2-135m")
     uvicorn.run(app)                 # or: serve("smollm2-135m", port=8000)
 
 Every failure is an OpenAI error object `{"error": {"message", "type", "param", "code"}}`:
 400 for a bad body or parameter (bodies are parsed strictly in one place, `ServerState.read`,
-so malformed JSON, invalid UTF-8, wrong types and unknown fields all land there), 404 for an
+so malformed JSON, invalid UTF-8 and wrong types all land there; which fields are ignored or
+refused is hpllm.serve.fields), 404 for an
 unknown model or route, 413 for a body over `max_body_bytes`, 503 when `max_pending` requests
 are already held or the server is draining, 500 for anything unexpected; the server goes on
 serving.
@@ -24,6 +25,7 @@ share in state.py, the server-sent events in streaming.py.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -38,6 +40,7 @@ from hpllm.checkpoints.registry import load_model
 from hpllm.config import EngineConfig
 from hpllm.infer.async_engine import AsyncEngine
 from hpllm.infer.engine import EngineCore
+from hpllm.serve.fields import IgnoredFieldsHeader
 from hpllm.serve.routes import router
 from hpllm.serve.state import APIError, ServerState
 
@@ -50,6 +53,7 @@ def create_app(engine: AsyncEngine, tokenizer, model_name: str, max_pending: int
     app = FastAPI(title="hpllm", docs_url=None, redoc_url=None)
     app.state.server = ServerState(engine, tokenizer, model_name, max_pending, max_body_bytes)
     app.include_router(router)
+    app.add_middleware(IgnoredFieldsHeader)  # names the fields a request had ignored
     for kind, handler in ((APIError, _on_api_error), (StarletteHTTPException, _on_http_error),
                           (RequestValidationError, _on_validation_error),
                           (Exception, _on_unexpected)):
@@ -84,6 +88,17 @@ async def _on_unexpected(request: Request, e: Exception):
 
 
 # -- running it ------------------------------------------------------------------------------
+def _log_to_stderr(level: str) -> None:
+    """hpllm.serve's log lines (ignored request fields) beside uvicorn's, at its level."""
+    logger = logging.getLogger("hpllm.serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level.upper())
+
+
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
           engine_config: EngineConfig | None = None,
           served_model_name: str = "", max_pending: int = 256, drain_timeout: float = 30.0,
@@ -100,6 +115,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=drain_timeout, access_log=False)
     server = uvicorn.Server(config)
+    _log_to_stderr(log_level)
     # uvicorn re-raises a caught SIGTERM after its graceful shutdown, which would kill us with
     # status 143; a no-op handler underneath turns that into a plain return.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)

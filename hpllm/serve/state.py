@@ -20,8 +20,12 @@ from pydantic import ValidationError
 
 from hpllm.checkpoints import ModelError
 from hpllm.infer.async_engine import AsyncEngine, EngineDead
+from hpllm.infer.embeddings import Embedder
+from hpllm.infer.prompt_logprobs import PromptScorer
 from hpllm.infer.generate import PromptError
 from hpllm.infer.sampling import SamplingError, SamplingParams
+from hpllm.infer.structured import StructuredError, compile_grammar
+from hpllm.serve import fields
 from hpllm.serve import protocol as P
 from hpllm.serve.metrics import ServerMetrics
 
@@ -80,6 +84,12 @@ class ServerState:
         longest = max((len(b) for b in getattr(tokenizer, "token_bytes", [b"x"])), default=1)
         self.max_prompt_bytes = self.max_model_len * max(longest, 1)
         self._ids = itertools.count()
+        # /v1/embeddings: the engine's own weights, read on the embedder's worker thread
+        self.embedder = Embedder(engine.core.model.params, engine.core.config,
+                                 self.max_model_len, engine.core.model.dtype)
+        # echo with logprobs: the prompt's own logprobs, likewise on a thread of its own
+        self.scorer = PromptScorer(engine.core.model.params, engine.core.config,
+                                   self.max_model_len, engine.core.model.dtype)
 
     # -- parsing and checks ------------------------------------------------------------------
     async def read(self, request: Request, model_type):
@@ -100,6 +110,10 @@ class ServerState:
         if getattr(req, "model", None) not in (None, self.model_name):
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
                                 f"{self.model_name!r}", param="model", code="model_not_found")
+        refusal = fields.refused(req)
+        if refusal is not None:
+            raise APIError(400, refusal[1], param=refusal[0], code="unsupported_field")
+        fields.note_ignored(request, req)
         return req
 
     def check_engine(self) -> None:
@@ -150,6 +164,18 @@ class ServerState:
         return validate_sampling(dataclasses.replace(params, max_tokens=max_tokens),
                                  self.vocab_size)
 
+    async def check_structured(self, params: SamplingParams, param: str | None) -> None:
+        """Compile the request's output constraint (cached) off the event loop: an invalid
+        schema or grammar is a 400 naming the problem before anything is queued."""
+        if params.structured is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._tokenize_pool, compile_grammar, self.tokenizer,
+                                       params.structured, self.vocab_size)
+        except StructuredError as e:
+            raise APIError(400, str(e), param=param, code="invalid_structured_output") from None
+
     def request_id(self, prefix: str) -> str:
         return f"{prefix}-{uuid.uuid4().hex[:16]}{next(self._ids)}"
 
@@ -198,7 +224,8 @@ class ServerState:
             token = self.token_text(e["token_id"])
             lp.tokens.append(token)
             lp.token_logprobs.append(e["logprob"])
-            lp.top_logprobs.append({self.token_text(t): v for t, v in e["top"]})
+            lp.top_logprobs.append(None if e["top"] is None else  # a prompt's first token
+                                   {self.token_text(t): v for t, v in e["top"]})
             lp.text_offset.append(offset)
             offset += len(token)
         return lp
@@ -285,8 +312,11 @@ def usage(outs) -> P.Usage:
                    total_tokens=prompt + completion)
 
 
-def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool,
+                tools: list[dict] | None = None) -> str:
     try:
+        if tools is not None:  # only templates that read `tools` get them
+            return tokenizer.apply_chat_template(messages, add_generation_prompt, tools=tools)
         return tokenizer.apply_chat_template(messages, add_generation_prompt)
     except ModelError as e:
         raise APIError(400, str(e), param="messages") from None

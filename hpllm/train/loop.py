@@ -168,9 +168,9 @@ def train(config: Config, log=print, on_step=None) -> TrainResult:
             f"(FLOPs count only those), capacity factor {m.capacity_factor or 'dropless'}, "
             f"aux loss weight {m.router_aux_weight}")
     if config.mesh.stage > 1:
-        log(f"pipeline: GPipe, {config.mesh.stage} stages x {tc.microbatches} microbatches, "
-            f"bubble {100 * bubble_fraction(config.mesh.stage, tc.microbatches):.1f}% of "
-            "stage-steps idle")
+        bubble = bubble_fraction(config.mesh.stage, tc.microbatches, tc.pipeline_schedule)
+        log(f"pipeline: {tc.pipeline_schedule}, {config.mesh.stage} stages x "
+            f"{tc.microbatches} microbatches, bubble {100 * bubble:.1f}% of stage-steps idle")
 
     if resume_step is not None:
         state, _ = orbax_io.restore(ckpt_dir, resume_step, _abstract_state(config, mesh))
@@ -229,9 +229,12 @@ def train(config: Config, log=print, on_step=None) -> TrainResult:
                 if "aux_loss" in metrics:  # mixture of experts: balance and capacity drops
                     record.update(aux_loss=float(metrics["aux_loss"]),
                                   dropped=int(metrics["dropped"]),
-                                  dropped_fraction=float(metrics["dropped_fraction"]))
+                                  dropped_fraction=float(metrics["dropped_fraction"]),
+                                  expert_load=jax.device_get(metrics["expert_load"]).tolist())
+                    busiest = max(max(layer) for layer in record["expert_load"])
                     line += (f" | aux {record['aux_loss']:.3f} | dropped {record['dropped']} "
-                             f"({100 * record['dropped_fraction']:.1f}%)")
+                             f"({100 * record['dropped_fraction']:.1f}%) | busiest expert "
+                             f"{busiest * config.model.n_experts:.2f}x its share")
                 if window["steps"]:  # throughput since the last line, the compile excluded
                     elapsed = time.perf_counter() - window["t"]
                     tok_s = window["steps"] * tokens_per_step / elapsed

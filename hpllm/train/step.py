@@ -17,7 +17,9 @@ from hpllm.config import Config, ModelConfig
 from hpllm.model import moe
 from hpllm.model.transformer import decoder_stack, embed, head
 from hpllm.parallel import sharding
+from hpllm.parallel.one_f_one_b import pipeline_loss
 from hpllm.parallel.pipeline import pipeline_layers
+from hpllm.quantized import cast_params
 from hpllm.train.state import (learning_rate_schedule, loss_scale_of, make_optimizer,
                                param_shardings, state_shardings)
 
@@ -27,15 +29,12 @@ def training_logits(params, tokens, positions, config: ModelConfig, *, segment_i
     """The model in training form (embed -> decoder stack -> head, no cache): logits
     (B, S, V) float32 and the MoE routing sums (None for a dense model). microbatches > 0:
     the decoder stack runs as a GPipe pipeline over the context mesh's "stage" axis
-    (hpllm/parallel/pipeline.py). The one place training calls the model."""
+    (hpllm/parallel/pipeline.py). With `one_f_one_b_nll_sum`, the places training calls
+    the model."""
     if segment_ids is None:
         segment_ids = jnp.ones(tokens.shape, jnp.int32)
 
-    def stack(layers, x, ex):
-        x, _, stats = decoder_stack(layers, x, ex["positions"], config,
-                                    segment_ids=ex["segment_ids"], remat=remat)
-        return x, stats
-
+    stack = functools.partial(_stack, config=config, remat=remat)
     x = embed(params, tokens, positions, config, dtype)
     extras = {"positions": positions, "segment_ids": segment_ids}
     if microbatches:
@@ -43,6 +42,40 @@ def training_logits(params, tokens, positions, config: ModelConfig, *, segment_i
     else:
         x, stats = stack(params["layers"], x, extras)
     return head(params, x, config), stats
+
+
+def _stack(layers, x, ex, *, config: ModelConfig, remat: str):
+    x, _, stats = decoder_stack(layers, x, ex["positions"], config,
+                                segment_ids=ex["segment_ids"], remat=remat)
+    return x, stats
+
+
+def _nll(logits, targets):
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    return logz - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def one_f_one_b_nll_sum(params, batch, config: Config):
+    """Sum over the batch of the masked per-token loss, with the decoder stack and the loss
+    run by the 1F1B schedule (hpllm/parallel/one_f_one_b.py): the last stage computes each
+    microbatch's logits and loss as soon as its forward is done, then starts its backward.
+    Differentiable like `token_nll` (dense models; the config refuses 1F1B with MoE)."""
+    model = config.model
+
+    def last(head_params, y, ex):
+        return (_nll(head(head_params, y, model), ex["targets"]) * ex["loss_mask"]).sum()
+
+    dtype = jnp.dtype(config.train.compute_dtype)
+    x = embed(params, batch["tokens"], batch["positions"], model, dtype)
+    extras = {k: batch[k] for k in ("positions", "segment_ids", "targets", "loss_mask")}
+    # cast once here, not in each layer: a cast inside a stage would be a vjp residual, so
+    # every stashed microbatch would keep its own copy of the stage's weights
+    layers = cast_params(params["layers"], dtype)
+    head_params = cast_params({k: v for k, v in params.items() if k != "layers"}, dtype)
+    loss, _ = pipeline_loss(functools.partial(_stack, config=model, remat=config.train.remat),
+                            last, layers, head_params, x, extras,
+                            microbatches=config.train.microbatches)
+    return loss
 
 
 def token_nll(params, batch, config: Config, *, moe_stats: bool = False):
@@ -54,17 +87,20 @@ def token_nll(params, batch, config: Config, *, moe_stats: bool = False):
         params, batch["tokens"], batch["positions"], config.model,
         segment_ids=batch["segment_ids"], dtype=jnp.dtype(config.train.compute_dtype),
         remat=config.train.remat, microbatches=config.train.microbatches if pipelined else 0)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    return (logz - target_logit, stats) if moe_stats else logz - target_logit
+    nll = _nll(logits, batch["targets"])
+    return (nll, stats) if moe_stats else nll
 
 
 def loss_fn(params, batch, config: Config):
     """Mean cross-entropy, plus router_aux_weight x the load-balancing loss for MoE models;
-    aux["ce"] is the cross-entropy alone (the loss that is logged)."""
-    nll, stats = token_nll(params, batch, config, moe_stats=True)
+    aux["ce"] is the cross-entropy alone (the loss that is logged). With mesh stage > 1 and
+    pipeline_schedule "1f1b" the loss is the 1F1B pipeline's (`one_f_one_b_nll_sum`)."""
     mask = batch["loss_mask"]
     n = jnp.maximum(mask.sum(), 1.0)
+    if config.mesh.stage > 1 and config.train.pipeline_schedule == "1f1b":
+        ce = one_f_one_b_nll_sum(params, batch, config) / n
+        return ce, {"tokens": mask.sum(), "ce": ce}
+    nll, stats = token_nll(params, batch, config, moe_stats=True)
     ce = (nll * mask).sum() / n
     aux = {"tokens": mask.sum(), "ce": ce}
     if stats is None:
@@ -72,6 +108,7 @@ def loss_fn(params, batch, config: Config):
     aux["aux_loss"] = moe.load_balancing_loss(stats)
     aux["dropped_fraction"] = moe.dropped_fraction(stats)
     aux["dropped"] = stats["dropped"].sum()  # (token, expert) assignments over capacity
+    aux["expert_load"] = moe.expert_load(stats)  # (L, E) shares of the assignments
     return ce + config.model.router_aux_weight * aux["aux_loss"], aux
 
 
