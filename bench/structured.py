@@ -44,6 +44,7 @@ SCHEMA = {
                 "price": {"type": "integer", "minimum": 0, "maximum": 1000},
                 "tags": {"type": "array", "maxItems": 3,
                          "items": {"type": "string", "maxLength": 12}}}}}}}
+SO = S.StructuredOutput("json_schema", json.dumps(SCHEMA))
 PROMPTS = ["A shopping list of fruit, as JSON:", "Fruits at the market today, as JSON:",
            "Eight fruits and their prices, in JSON:", "A JSON catalogue of fruit:",
            "The fruit stall's stock, as a JSON object:", "Describe some fruits in JSON:",
@@ -78,8 +79,7 @@ def decode_rates(engines: dict, prompts, params: dict):
 
 def mask_seconds(tokenizer, vocab: int, token_ids: list[int], rows: int) -> float:
     """Median seconds of one fill_masks call for `rows` sequences at each state of a replay."""
-    grammar = S.compile_grammar(tokenizer, S.StructuredOutput("json_schema", json.dumps(SCHEMA)),
-                                vocab)
+    grammar = S.compile_grammar(tokenizer, SO, vocab)
     matchers = [grammar.matcher() for _ in range(rows)]
     times = []
     for t in token_ids:
@@ -110,10 +110,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     S.ll_tokenizer(tok, vocab)
     tokenizer_s = time.perf_counter() - start
-    so = S.StructuredOutput("json_schema", json.dumps(SCHEMA))
     S.compile_grammar.cache_clear()
     start = time.perf_counter()
-    S.compile_grammar(tok, so, vocab)
+    S.compile_grammar(tok, SO, vocab)
     compile_s = time.perf_counter() - start
 
     result = {"model": args.model, "cpus": os.cpu_count(), "load_before": os.getloadavg(),
@@ -127,7 +126,7 @@ def main(argv=None) -> int:
         for r in range(args.rounds + 1):
             params = {mode: [SamplingParams(temperature=0.7, seed=100 * r + i,
                                             max_tokens=args.tokens, ignore_eos=mode == "plain",
-                                            structured=so if mode == "schema" else None)
+                                            structured=SO if mode == "schema" else None)
                              for i in range(conc)] for mode in engines}
             got = decode_rates(engines, prompts, params)
             for text in got["schema"][1]:
@@ -148,7 +147,7 @@ def main(argv=None) -> int:
               f"{', '.join(f'{x:.3f}' for x in ratios)})")
     out = None
     engine.add_request("replay", PROMPTS[0], SamplingParams(temperature=0, max_tokens=args.tokens,
-                                                            structured=so))
+                                                            structured=SO))
     while engine.has_unfinished():
         for o in engine.step():
             out = o

@@ -168,7 +168,7 @@ class EngineCore:
     # -- speculative decoding (hpllm.infer.speculative.engine_steps) --------------------------
     def _lookahead(self, seq: Sequence) -> int:
         p = seq.request.params
-        if not _speculable(p):
+        if not speculable(p):
             return 0
         # Never draft past max_tokens or the context: every accepted draft is emitted.
         limit = min(p.max_tokens - seq.num_generated, self.max_model_len - len(seq.tokens)) - 1
@@ -188,7 +188,7 @@ class EngineCore:
         logits = self._run(chunks, drafts, n_proposed, tables)
         n_accepted, tokens = jax.device_get(accept_rows(
             logits, jnp.asarray(drafts), q, jnp.asarray(n_proposed), arrays, filters=filters))
-        plain = [r for r, c in enumerate(chunks) if not _speculable(c.seq.request.params)]
+        plain = [r for r, c in enumerate(chunks) if not speculable(c.seq.request.params)]
         if plain:
             for r in plain:
                 self.scheduler.commit(chunks[r])
@@ -277,8 +277,3 @@ class EngineCore:
                 "spec_rounds": self.speculator.stats.rounds} if self.speculator else {}),
         }
 
-
-def _speculable(params: SamplingParams) -> bool:
-    """Constrained or biased rows do not speculate: drafts are not checked against a grammar
-    and the accept step applies neither the mask nor logit_bias."""
-    return speculable(params) and params.structured is None and not params.logit_bias

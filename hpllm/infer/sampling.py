@@ -237,8 +237,9 @@ def _bias_arrays(params: list[SamplingParams], rows: int, width: int):
     ids = np.zeros((rows, width), np.int32)
     values = np.zeros((rows, width), np.float32)
     for r, p in enumerate(params):
-        for j, (t, b) in enumerate(p.logit_bias):
-            ids[r, j], values[r, j] = t, b
+        if p.logit_bias:
+            k = len(p.logit_bias)
+            ids[r, :k], values[r, :k] = zip(*p.logit_bias)
     return ids, values
 
 

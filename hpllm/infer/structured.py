@@ -141,11 +141,6 @@ class Matcher:
         return self.ll.is_stopped()
 
     @property
-    def accepting(self) -> bool:
-        """The text so far is a complete match (more may still follow)."""
-        return self.ll.is_accepting()
-
-    @property
     def error(self) -> str:
         return self.ll.get_error()
 
@@ -158,7 +153,6 @@ class Matcher:
 class Grammar:
     """A compiled constraint: `matcher()` gives a fresh sequence's matcher."""
     template: llg.LLMatcher
-    vocab_size: int
 
     def matcher(self) -> Matcher:
         return Matcher(self.template.deep_copy())
@@ -177,7 +171,7 @@ def compile_grammar(tokenizer, so: StructuredOutput, vocab_size: int) -> Grammar
         raise StructuredError(f"{so.kind}: {e}") from None
     if ll.is_error():
         raise StructuredError(f"{so.kind}: {_summary(ll.get_error())}")
-    return Grammar(ll, vocab_size)
+    return Grammar(ll)
 
 
 def _summary(message: str) -> str:

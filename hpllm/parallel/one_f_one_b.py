@@ -58,7 +58,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from hpllm.parallel import sharding
-from hpllm.parallel.pipeline import AXIS, in_stage, split_microbatches, split_stages
+from hpllm.parallel.pipeline import (AXIS, in_stage, pipeline_mesh, split_microbatches,
+                                     split_stages, zeros_varying)
 
 IDLE, FORWARD, BACKWARD = 0, 1, 2
 
@@ -140,11 +141,6 @@ def _varying(tree):
                         else jax.lax.pcast(a, AXIS, to="varying"), tree)
 
 
-def _zeros_varying(shapes):
-    return jax.tree.map(lambda s: jax.lax.pcast(jnp.zeros(s.shape, s.dtype), AXIS,
-                                                to="varying"), shapes)
-
-
 def _accumulator(dtype):
     """Gradients add up over microbatches in at least float32."""
     return jnp.promote_types(dtype, jnp.float32)
@@ -220,21 +216,21 @@ def _local(stage_params, head_params, x, extras, *, stage_fn, last_fn, microbatc
     res_last = _Residuals(vjp_last, (params, head))
     ring = lambda k, s: jax.ShapeDtypeStruct((k, *s.shape), s.dtype)  # noqa: E731
     like = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
-    zero_loss = _zeros_varying(jax.ShapeDtypeStruct((), jnp.float32))
+    zero_loss = zeros_varying(jax.ShapeDtypeStruct((), jnp.float32))
     # The ring buffers live in the scan's carry and are updated in place, outside the
     # switch: a branch sees and returns one microbatch's worth of them (a conditional that
     # returned the whole buffers would copy them); only the gradient sums pass through it
     carry = {
-        "act": _zeros_varying(ring(slots["act"], x0)),
-        "grad": _zeros_varying(ring(slots["grad"], y0)),
-        "stash": _zeros_varying([ring(slots["stash"], s) for s in res_mid.shapes]),
-        "stash_last": _zeros_varying([ring(slots["stash_last"], s) for s in res_last.shapes]),
-        "g_params": _zeros_varying(jax.tree.map(
+        "act": zeros_varying(ring(slots["act"], x0)),
+        "grad": zeros_varying(ring(slots["grad"], y0)),
+        "stash": zeros_varying([ring(slots["stash"], s) for s in res_mid.shapes]),
+        "stash_last": zeros_varying([ring(slots["stash_last"], s) for s in res_last.shapes]),
+        "g_params": zeros_varying(jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, _accumulator(a.dtype)), params)),
-        "g_head": _zeros_varying(jax.tree.map(
+        "g_head": zeros_varying(jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, _accumulator(a.dtype)), head)),
         "dx": jnp.zeros_like(xs), "loss": zero_loss, "stats": like(stats0),
-        "busy": _zeros_varying(jax.ShapeDtypeStruct((), jnp.int32)),
+        "busy": zeros_varying(jax.ShapeDtypeStruct((), jnp.int32)),
     }
     add = lambda a, b: jax.tree.map(lambda x_, y_: x_ + y_.astype(x_.dtype), a, b)  # noqa: E731
 
@@ -273,7 +269,7 @@ def _local(stage_params, head_params, x, extras, *, stage_fn, last_fn, microbatc
     down = [(s + 1, s) for s in range(stages - 1)]
 
     def unit(c, t):
-        op, i = _take(_take(ops, t), stage)[0], _take(_take(ops, t), stage)[1]
+        op, i = _take(_take(ops, t), stage)
         is_f, is_b = op == FORWARD, op == BACKWARD
         i = jnp.maximum(i, 0)
         slot, slot_last = i % slots["stash"], i % slots["stash_last"]
@@ -324,15 +320,11 @@ def one_f_one_b(stage_fn, last_fn, stage_params, head_params, x, extras, *,
     axis P; x (B, ...), extras (pytree of (B, ...)), B divisible by `microbatches`.
 
     Returns (loss, stats, grads, busy): loss summed over microbatches; stats summed over
-    microbatches and concatenated over stages on their leading axis (as `gpipe`); grads = (d loss / d stage_params, d loss /
-    d head_params, d loss / d x); busy (P,) the units each stage worked (2M of 2(M+P-1)).
+    microbatches and concatenated over stages on their leading axis (as `gpipe`); grads =
+    (d loss / d stage_params, d loss / d head_params, d loss / d x); busy (P,) the units each
+    stage worked (2M of 2(M+P-1)).
     `pipeline_loss` wraps it for `jax.grad`."""
-    mesh = mesh if mesh is not None else sharding.context_mesh()
-    if mesh is None or AXIS not in mesh.axis_names:
-        raise ValueError("1F1B needs a mesh with a 'stage' axis (jax.set_mesh or the "
-                         "sharding rules of the training step)")
-    if x.shape[0] % microbatches:
-        raise ValueError(f"batch {x.shape[0]} is not divisible into {microbatches} microbatches")
+    mesh = pipeline_mesh(mesh, x, microbatches, "1F1B")
     body = functools.partial(_local, stage_fn=stage_fn, last_fn=last_fn,
                              microbatches=microbatches, stages=mesh.shape[AXIS])
     loss, stats, g_params, g_head, g_x, busy = jax.shard_map(

@@ -67,6 +67,13 @@ def split_microbatches(a, microbatches: int):
     return a.reshape(a.shape[0] // microbatches, microbatches, *a.shape[1:])
 
 
+def zeros_varying(shapes):
+    """Zeros of a pytree of shapes, marked as differing per stage ("varying" over AXIS), as
+    a pipeline's carries do."""
+    return jax.tree.map(lambda s: jax.lax.pcast(jnp.zeros(s.shape, s.dtype), AXIS,
+                                                to="varying"), shapes)
+
+
 def _gpipe_local(stage_params, x, extras, *, stage_fn, microbatches: int, stages: int):
     """One stage's view (inside shard_map, manual over AXIS). stage_params: this stage's
     slice, leading axis 1; x, extras: the whole batch (B, ...). Returns the outputs (B, ...)
@@ -98,14 +105,24 @@ def _gpipe_local(stage_params, x, extras, *, stage_fn, microbatches: int, stages
 
     out_shape = jax.eval_shape(stage_fn, params, take(xs, 0),
                                jax.tree.map(lambda a: take(a, 0), ex))
-    # carries differ per stage ("varying" over AXIS), so their zeros must say so
-    zeros = lambda s: jax.lax.pcast(jnp.zeros(s.shape, s.dtype), AXIS, to="varying")  # noqa: E731
-    init = (zeros(out_shape[0]), jnp.zeros_like(xs, out_shape[0].dtype),
-            zeros(jax.ShapeDtypeStruct((), jnp.int32)), jax.tree.map(zeros, out_shape[1]))
+    init = (zeros_varying(out_shape[0]), jnp.zeros_like(xs, out_shape[0].dtype),
+            zeros_varying(jax.ShapeDtypeStruct((), jnp.int32)), zeros_varying(out_shape[1]))
     (_, outputs, busy, stats), _ = jax.lax.scan(step, init, jnp.arange(m + stages - 1))
     # every stage gets the last stage's outputs (the output projection runs on all of them)
     outputs = jax.lax.psum(jnp.where(stage == stages - 1, outputs, 0), AXIS)
     return outputs.reshape(x.shape[:1] + outputs.shape[2:]), stats, busy[None]
+
+
+def pipeline_mesh(mesh, x, microbatches: int, schedule: str):
+    """The mesh a pipeline runs over (`mesh`, else the context mesh), checked: it has a
+    "stage" axis and the batch of x splits into `microbatches`."""
+    mesh = mesh if mesh is not None else sharding.context_mesh()
+    if mesh is None or AXIS not in mesh.axis_names:
+        raise ValueError(f"{schedule} needs a mesh with a 'stage' axis (jax.set_mesh or the "
+                         "sharding rules of the training step)")
+    if x.shape[0] % microbatches:
+        raise ValueError(f"batch {x.shape[0]} is not divisible into {microbatches} microbatches")
+    return mesh
 
 
 def gpipe(stage_fn, stage_params, x, extras, *, microbatches: int, mesh=None):
@@ -116,15 +133,9 @@ def gpipe(stage_fn, stage_params, x, extras, *, microbatches: int, mesh=None):
     extras (pytree of (B, ...)) with B divisible by `microbatches`. Returns y (B, ...), the
     stats summed over microbatches and concatenated over stages on their leading axis, and
     busy (P,): the time steps each stage did real work (the rest of M+P-1 is bubble)."""
-    mesh = mesh if mesh is not None else sharding.context_mesh()
-    if mesh is None or AXIS not in mesh.axis_names:
-        raise ValueError("gpipe needs a mesh with a 'stage' axis (jax.set_mesh or the "
-                         "sharding rules of the training step)")
-    stages = mesh.shape[AXIS]
-    if x.shape[0] % microbatches:
-        raise ValueError(f"batch {x.shape[0]} is not divisible into {microbatches} microbatches")
+    mesh = pipeline_mesh(mesh, x, microbatches, "gpipe")
     body = functools.partial(_gpipe_local, stage_fn=stage_fn, microbatches=microbatches,
-                                 stages=stages)
+                             stages=mesh.shape[AXIS])
     return jax.shard_map(body, mesh=mesh, in_specs=(P(AXIS), P(), P()),
                          out_specs=(P(), P(AXIS), P(AXIS)), axis_names={AXIS})(
         stage_params, x, extras)

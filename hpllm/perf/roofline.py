@@ -275,6 +275,19 @@ def _ring_seconds(nbytes: float, n: int, bandwidth: float) -> float:
     return (n - 1) / n * nbytes / bandwidth if bandwidth else float("inf")
 
 
+def optimizer_term(params: float, param_bytes: float, shard: int = 1) -> Term:
+    """AdamW's update of 1/shard of `params`: it reads params, grads, m, v and writes params,
+    m, v (all param_bytes each), 12 FLOPs a parameter."""
+    return Term("optimizer (AdamW)", 12 * params / shard, 7 * params * param_bytes / shard)
+
+
+def grad_all_reduce(grad_bytes: float, n: int, bandwidth: float) -> Collective:
+    """Data parallelism's float32 gradient all-reduce over n devices: a ring reduce-scatter
+    and all-gather of the `grad_bytes` each device holds."""
+    return Collective("all-reduce grads", "data", 2 * grad_bytes,
+                      2 * _ring_seconds(grad_bytes, n, bandwidth))
+
+
 def predict(model: ModelConfig, workload: Workload, chip, mesh: MeshShape = MeshShape(), *,
             param_dtype: str = "float32", compute_dtype: str = "bfloat16", remat: str = "none",
             attention: str = "reference", model_name: str = "model", quant: str = "") -> Prediction:
@@ -341,8 +354,7 @@ def predict(model: ModelConfig, workload: Workload, chip, mesh: MeshShape = Mesh
     if train:
         terms.append(Term("loss (softmax x-ent)", 5 * tokens_dev * c.vocab_size / mesh.tensor,
                           3 * tokens_dev * c.vocab_size * 4 / mesh.tensor))
-        # AdamW reads params, grads, m, v and writes params, m, v (all param_dtype).
-        terms.append(Term("optimizer (AdamW)", 12 * p_all / shard, 7 * p_all * pb / shard))
+        terms.append(optimizer_term(p_all, pb, shard))
     # Decode's weight matmuls are mat-vecs: their weights stream at what the runtime's dot
     # (or, quantized, the CPU int8 kernel) reaches at one row where that was measured (CPU),
     # else at the memory bandwidth. With several rows they compute at the rate measured for
@@ -417,9 +429,7 @@ def predict(model: ModelConfig, workload: Workload, chip, mesh: MeshShape = Mesh
             coll.append(Collective("reduce-scatter grads", "fsdp", p_all * 4 / mesh.tensor,
                                    _ring_seconds(p_all * 4 / mesh.tensor, mesh.fsdp, axis_bw)))
     if mesh.data > 1 and train:
-        grad_bytes = p_all * 4 / shard
-        coll.append(Collective("all-reduce grads", "data", 2 * grad_bytes,
-                               2 * _ring_seconds(grad_bytes, mesh.data, axis_bw)))
+        coll.append(grad_all_reduce(p_all * 4 / shard, mesh.data, axis_bw))
     if mesh.tensor > 1:  # Megatron: an all-gather and a reduce-scatter per block and pass
         per = tokens_dev * c.dim * cb
         count = 4 * c.n_layers * passes

@@ -35,8 +35,7 @@ import dataclasses
 
 from hpllm.config import ModelConfig
 from hpllm.model.moe import capacity
-from hpllm.parallel.pipeline import SCHEDULES
-from hpllm.parallel.pipeline import bubble_fraction as pipeline_bubble_fraction
+from hpllm.parallel.pipeline import SCHEDULES, bubble_fraction
 from hpllm.perf import roofline
 from hpllm.perf.hardware import cpu_figures
 
@@ -151,11 +150,6 @@ class StepPrediction:
                 "param_opt_bytes_per_device": self.param_opt_bytes}
 
 
-def bubble_fraction(schedule: str, stages: int, microbatches: int) -> float:
-    """Idle fraction of a pipeline schedule's stage-steps (0 without a pipeline)."""
-    return pipeline_bubble_fraction(stages, microbatches, schedule) if stages > 1 else 0.0
-
-
 def stage_transfers(model: ModelConfig, workload: roofline.Workload, s: Strategy,
                     compute_dtype: str, bandwidth: float, param_dtype: str = "float32"
                     ) -> list:
@@ -248,28 +242,29 @@ def predict_step(model: ModelConfig, workload: roofline.Workload, chip, s: Strat
     held = param_opt_bytes(model, s, param_dtype)
     params = held / 3 / roofline._BYTES[param_dtype]  # this device's parameters
     base.terms = [_stage_share(t, s, params, param_dtype) for t in base.terms]
-    for coll in base.collectives:  # the gradients this device holds, not the L/P model's
-        if coll.name == "all-reduce grads":  # (the roofline's: float32, ring, twice)
-            coll.bytes = 2 * params * 4
-            coll.seconds = 2 * roofline._ring_seconds(params * 4, s.data * s.expert,
-                                                      chip.axis_bandwidth)
+    # the gradients this device holds, not the L/P model's
+    base.collectives = [roofline.grad_all_reduce(params * 4, s.data * s.expert,
+                                                 chip.axis_bandwidth)
+                        if coll.name == "all-reduce grads" else coll
+                        for coll in base.collectives]
     pipelined = _LAYER_TERMS + (_HEAD_TERMS if s.stage > 1 and s.schedule == "1f1b" else ())
     layers_s = sum(t.seconds for t in base.terms if t.name in pipelined)
     traffic = (stage_transfers(model, workload, s, compute_dtype, bw, param_dtype)
                + moe_all_to_alls(model, workload, s, compute_dtype, bw, remat))
-    return StepPrediction(s, base, layers_s, bubble_fraction(s.schedule, s.stage,
-                                                             s.microbatches), traffic, held)
+    # (P-1)/(M+P-1): 0 without a pipeline
+    return StepPrediction(s, base, layers_s, bubble_fraction(s.stage, s.microbatches,
+                                                             s.schedule), traffic, held)
 
 
 def _stage_share(term: roofline.Term, s: Strategy, params: float, param_dtype: str):
     """A roofline term of the L/P-layer model as this device runs it: AdamW updates its
     `params` (vocab rows split over stages, experts over `expert`); GPipe's head is
     vocab-parallel over the stages."""
-    if term.name == "optimizer (AdamW)":  # the roofline's AdamW: 12 FLOPs, 7 accesses each
-        flops, nbytes = 12 * params, 7 * params * roofline._BYTES[param_dtype]
-        return dataclasses.replace(term, flops=flops, bytes=nbytes,
-                                   compute_s=term.compute_s * flops / term.flops,
-                                   memory_s=term.memory_s * nbytes / term.bytes)
+    if term.name == "optimizer (AdamW)":
+        mine = roofline.optimizer_term(params, roofline._BYTES[param_dtype])
+        return dataclasses.replace(term, flops=mine.flops, bytes=mine.bytes,
+                                   compute_s=term.compute_s * mine.flops / term.flops,
+                                   memory_s=term.memory_s * mine.bytes / term.bytes)
     if term.name in _HEAD_TERMS and s.stage > 1 and s.schedule == "gpipe":
         return dataclasses.replace(term, flops=term.flops / s.stage, bytes=term.bytes / s.stage,
                                    compute_s=term.compute_s / s.stage,

@@ -79,10 +79,11 @@ def note_ignored(request, req) -> None:
     names, unknown = ignored(req)
     if not names:
         return
-    request.scope[_SCOPE_KEY] = (listing(names), listing(unknown))
-    message = f"{request.url.path}: ignored fields {listing(names)}"
+    shown, shown_unknown = listing(names), listing(unknown)
+    request.scope[_SCOPE_KEY] = (shown, shown_unknown)
+    message = f"{request.url.path}: ignored fields {shown}"
     if unknown:
-        log.warning("%s (%s: defined by no API)", message, listing(unknown))
+        log.warning("%s (%s: defined by no API)", message, shown_unknown)
     else:
         log.info("%s", message)
 

@@ -90,11 +90,10 @@ async def embeddings(request: Request):
     server.check_accepting(0)
     ids = [await server.tokenize(x, False, "input") if isinstance(x, str) else list(x)
            for x in inputs]
-    try:
-        embedder.check(ids)
+    try:  # checked and embedded off the event loop and the engine's thread
+        vectors = await embedder.embed_async(ids)
     except EmbeddingError as e:
         raise APIError(400, str(e), param="input", code="invalid_input") from None
-    vectors = await embedder.embed_async(ids)  # off the event loop and the engine's thread
 
     def encoded(v):  # base64: little-endian float32, as OpenAI's clients decode it
         if req.encoding_format == "base64":
@@ -117,14 +116,13 @@ def _best(outputs, n: int) -> list:
     return [dataclasses.replace(c, index=k) for k, c in enumerate(best)]
 
 
-async def _echo_only(server: ServerState, req: P.CompletionRequest, prompts, ids):
-    """echo with max_tokens 0, as vLLM answers it: each prompt itself (with its tokens'
-    logprobs when asked), nothing generated."""
+async def _echo_only(server: ServerState, req: P.CompletionRequest, texts, ids):
+    """echo with max_tokens 0, as vLLM answers it: each prompt itself (`texts`, with its
+    tokens' logprobs when asked), nothing generated."""
     if req.stream:
         raise APIError(400, "max_tokens 0 (echo only) cannot be streamed", param="max_tokens")
     choices = []
-    for i, (p, x) in enumerate(zip(prompts, ids)):
-        text = p if isinstance(p, str) else server.tokenizer.decode(p)
+    for i, (text, x) in enumerate(zip(texts, ids)):
         logprobs = (None if req.logprobs is None else server.completion_logprobs(
             await server.scorer.score_async(x, req.logprobs), 0))
         choices += [P.CompletionChoice(index=i * req.n + k, text=text, logprobs=logprobs,
@@ -163,14 +161,14 @@ async def completions(request: Request):
     for p in prompts:
         ids.append(await server.tokenize(p, False, "prompt") if isinstance(p, str) else list(p))
         server.check_ids(ids[-1], "prompt")
+    echo = [(p if isinstance(p, str) else server.tokenizer.decode(p)) if req.echo else ""
+            for p in prompts]
     if req.echo and req.max_tokens == 0:  # a scoring request: nothing to generate
-        return await _echo_only(server, req, prompts, ids)
+        return await _echo_only(server, req, echo, ids)
     params = [server.final_params(params, req.max_tokens, len(x)) for x in ids]
     # one SamplingParams for the batch: the tightest room any prompt leaves
     params = min(params, key=lambda p: p.max_tokens)
     await server.check_structured(params, req.structured_output()[0])
-    echo = [(p if isinstance(p, str) else server.tokenizer.decode(p)) if req.echo else ""
-            for p in prompts]
     # echo with logprobs: the prompt's own tokens, scored by one forward pass each, lead
     echoed = [[] for _ in prompts]
     if req.echo and req.logprobs is not None:

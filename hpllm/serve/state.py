@@ -314,10 +314,8 @@ def usage(outs) -> P.Usage:
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool,
                 tools: list[dict] | None = None) -> str:
-    try:
-        if tools is not None:  # only templates that read `tools` get them
-            return tokenizer.apply_chat_template(messages, add_generation_prompt, tools=tools)
-        return tokenizer.apply_chat_template(messages, add_generation_prompt)
+    try:  # tools: only for templates that read `tools` (None otherwise)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt, tools=tools)
     except ModelError as e:
         raise APIError(400, str(e), param="messages") from None
     except Exception as e:  # noqa: BLE001 - a template may fail on odd input in its own way

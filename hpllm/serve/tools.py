@@ -22,6 +22,7 @@ or, for a call written any other way, until its closing tag.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
@@ -53,7 +54,7 @@ class ToolPlan:
     named: str | None = None  # the function tool_choice names
     parallel: bool = True  # more than one call per answer
 
-    @property
+    @functools.cached_property  # read on every streamed delta (parse)
     def names(self) -> frozenset[str]:
         return frozenset(f["name"] for f in self.functions)
 

@@ -50,8 +50,11 @@ class AdaptiveGamma:
 
 def speculable(params: SamplingParams) -> bool:
     """Requests with penalties or logprobs do not speculate: their processors depend on every
-    previous token, or they report figures the accept step does not compute."""
-    return not params.has_penalties and params.logprobs is None
+    previous token, or they report figures the accept step does not compute. Nor do
+    constrained or biased ones: drafts are not checked against a grammar and the accept step
+    applies neither the mask nor logit_bias."""
+    return (not params.has_penalties and params.logprobs is None
+            and params.structured is None and not params.logit_bias)
 
 
 def draft_cached_until(start: int, n_accepted: int, n_proposed: int) -> int:
