@@ -72,6 +72,8 @@ def main(argv=None) -> int:
                     choices=["continuous", "static", "one", "ngram", "self", "draft"])
     ap.add_argument("--gamma", type=int, default=4, help="ngram/self: initial draft tokens")
     ap.add_argument("--draft-layers", type=int, default=0, help="self: 0 = a third")
+    ap.add_argument("--step-backend", default="auto", choices=["auto", "xla", "kernel"],
+                    help="the engine's pass: the fused CPU decoder step or XLA (EngineConfig)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quant", default="", help="quantize the weights on load (int8, int4, ...)")
     ap.add_argument("--json")
@@ -83,7 +85,8 @@ def main(argv=None) -> int:
     print(f"{args.model}, {args.requests} requests: prompt {args.prompt_len[0]}-"
           f"{args.prompt_len[1]} tokens, output {args.output_len[0]}-{args.output_len[1]} "
           f"(uniform, seed {args.seed}, greedy, EOS ignored); max_num_seqs "
-          f"{args.max_num_seqs}; weights {args.quant or 'float32'}; {chip.name}")
+          f"{args.max_num_seqs}; weights {args.quant or 'float32'}; step {args.step_backend}; "
+          f"{chip.name}")
     results, reference = {}, None
     for mode in args.modes:
         group = {"static": args.max_num_seqs, "one": 1}.get(mode, len(requests))
@@ -91,7 +94,8 @@ def main(argv=None) -> int:
         engine = EngineCore(model.params, model.config, model.tokenizer, EngineConfig(
             max_num_seqs=1 if mode == "one" else args.max_num_seqs,
             kv_memory_mb=args.kv_memory_mb, enable_prefix_caching=False, speculative=spec,
-            num_speculative_tokens=args.gamma, draft_layers=args.draft_layers))
+            num_speculative_tokens=args.gamma, draft_layers=args.draft_layers,
+            step_backend=args.step_backend))
         first, *_ = run(engine, requests, group)
         if spec:
             engine.speculator.stats = type(engine.speculator.stats)()  # the timed run's only

@@ -64,6 +64,9 @@ def cmd_hw(args, extra) -> int:
         print("  matmul peak (jitted 2048^3): " + ", ".join(
             f"{d} {out[d] / 1e12:.3f} T{'OP' if d == 'int8' else 'FLOP'}/s"
             for d in hardware.MATMUL_DTYPES))
+        if out.get("bfloat16_kernel"):  # what bf16 training's projections run on (MFU's peak)
+            print(f"  bf16 matmul kernel (AVX512-BF16, 2048^3): "
+                  f"{out['bfloat16_kernel'] / 1e12:.3f} TFLOP/s")
         print(f"  memory ({out['probe']}): read {out['read_bandwidth'] / 1e9:.1f} GB/s, "
               f"copy {out['copy_bandwidth'] / 1e9:.1f} GB/s (read + write)")
         print(f"  XLA runtime: mat-vec chain {out['matvec_bandwidth'] / 1e9:.1f} GB/s of "
@@ -444,13 +447,14 @@ def cmd_bench_serve(args, extra) -> int:
         return lo, hi
 
     if args.num_prompts < 1 or args.concurrency < 0 or args.request_rate <= 0 \
-            or args.burstiness <= 0:
+            or args.burstiness <= 0 or args.warmup_prompts < 0:
         raise ConfigError("need --num-prompts >= 1, --concurrency >= 0, --request-rate > 0, "
-                          "--burstiness > 0")
+                          "--burstiness > 0, --warmup-prompts >= 0")
     summary = bench_serve(args.base_url, args.num_prompts, args.concurrency,
                           args.request_rate, args.burstiness,
                           span(args.prompt_len, "--prompt-len"),
-                          span(args.output_len, "--output-len"), args.seed, args.model)
+                          span(args.output_len, "--output-len"), args.seed, args.model,
+                          args.tokenizer or None, warmup_prompts=args.warmup_prompts)
     rate = "inf" if math.isinf(args.request_rate) else f"{args.request_rate:g} req/s"
     print(f"{summary['config']['model']} at {args.base_url}: {args.num_prompts} prompts, "
           f"rate {rate}, concurrency {args.concurrency or 'unlimited'}")
@@ -458,7 +462,8 @@ def cmd_bench_serve(args, extra) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)
-    return 0 if summary["errors"] == 0 else 1
+    leaked = (summary["server"] or {}).get("kv_blocks_leaked", 0)
+    return 0 if summary["errors"] == 0 and leaked == 0 else 1
 
 
 def _serve_parsers(sub) -> None:
@@ -480,6 +485,10 @@ def _serve_parsers(sub) -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default="", help="model id and tokenizer (default: the "
                                                "server's model, read from /v1/models)")
+    p.add_argument("--tokenizer", default="", help="registry name, .gguf or HF directory to "
+                                                   "tokenize prompts with (default: --model)")
+    p.add_argument("--warmup-prompts", type=int, default=8,
+                   help="requests of other lengths sent first and not measured")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--concurrency", type=int, default=0, help="requests in flight at most "
                                                               "(0 = no limit)")

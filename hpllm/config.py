@@ -239,6 +239,7 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # gamma: draft tokens per sequence per step (initial)
     speculative_adaptive: bool = True  # per-sequence gamma: +2 on full acceptance, -1 else
     draft_layers: int = 0  # self-speculation: layers in the draft (0: a third)
+    step_backend: str = "auto"  # "auto" (the fused CPU decoder step where it runs), "xla", "kernel"
 
     def validate(self) -> "EngineConfig":
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -256,6 +257,9 @@ class EngineConfig:
         if self.speculative not in ("", *SPECULATIVE_PROPOSERS):
             raise ConfigError(f"speculative must be one of {', '.join(SPECULATIVE_PROPOSERS)} "
                               f"(or empty), got {self.speculative!r}")
+        if self.step_backend not in ("auto", "xla", "kernel"):
+            raise ConfigError(f"step_backend must be auto, xla or kernel, got "
+                              f"{self.step_backend!r}")
         if self.speculative and self.num_speculative_tokens < 1:
             raise ConfigError(f"num_speculative_tokens must be positive, got "
                               f"{self.num_speculative_tokens}")

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from hpllm.config import ConfigError
-from hpllm.kernels import cpu_quant_matmul
+from hpllm.kernels import cpu_matmul, cpu_quant_matmul
 from hpllm.kernels.cpu_quant_matmul import dequantize_int4, pack_int4
 
 SCHEMES = ("int8", "int8-zp", "int4", "llm.int8")
@@ -194,7 +194,11 @@ def project(x, w, equation: str, **einsum_kwargs):
     output axes appended to x's leading ones, as the einsum would give.
     """
     if not is_quantized(w):
-        return jnp.einsum(equation, x, w, **einsum_kwargs)
+        # large bf16 projections of a CPU training step: the AVX512-BF16 kernel, where the
+        # step turned routing on (hpllm/kernels/cpu_matmul.py)
+        y = (cpu_matmul.bf16_project(x, w, equation, **einsum_kwargs)
+             if set(einsum_kwargs) <= {"preferred_element_type"} else None)
+        return y if y is not None else jnp.einsum(equation, x, w, **einsum_kwargs)
     n_in = len(w.in_axes)
     lead = x.shape[:x.ndim - n_in]
     xk = x.reshape(*lead, w.k)
@@ -203,11 +207,10 @@ def project(x, w, equation: str, **einsum_kwargs):
     return y.reshape(*lead, *[w.shape[a] for a in w.out_axes])
 
 
-# Rows of x (tokens) up to which matmuls go to the CPU kernel: decode, batched decode and
-# verify steps. bench/quant_matmul.py --sweep measured the kernel ahead of XLA's
-# dequantize-then-GEMM up to 256 rows on the loaded dev machine; 40-110 is the idle estimate
-# (docs/perf/quantization.md). Prefill chunks above this stay on XLA's GEMM.
-CPU_KERNEL_MAX_ROWS = 64
+# Rows of x (tokens) up to which matmuls go to the CPU kernel. Since gemm.h tiles M in
+# registers and converts panels once for many rows, the kernel is ahead of XLA's
+# dequantize-then-GEMM at every width measured, 1-512 rows (docs/perf/cpu_gemm.md): no limit.
+CPU_KERNEL_MAX_ROWS = 1 << 62
 _KERNEL_SCHEMES = ("int8", "int8-zp", "int4")
 
 

@@ -11,8 +11,11 @@ from hpllm.config import EngineConfig, ModelConfig
 from hpllm.infer.engine import EngineCore
 from hpllm.infer.generate import PromptError, generate
 from hpllm.infer.llm import LLM
+from hpllm.infer.ragged import FlatBatchBuilder, pow_buckets, ragged_forward
 from hpllm.infer.sampling import SamplingError, SamplingParams
-from hpllm.model.transformer import forward, init_params
+from hpllm.kernels import cpu_decoder
+from hpllm.model.kv_cache import PagedKVCache
+from hpllm.model.transformer import forward, init_params, unstack_layers
 
 CFG = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
                   init_std=0.2)
@@ -65,6 +68,8 @@ def _run(engine, prompts, params_list):
 @pytest.mark.parametrize("name,engine_config,shared", [
     ("batched", EngineConfig(block_size=16, num_blocks=64), 0),
     ("chunked prefill", EngineConfig(block_size=5, num_blocks=200, max_num_batched_tokens=7), 0),
+    ("chunked prefill xla", EngineConfig(block_size=5, num_blocks=200, max_num_batched_tokens=7,
+                                         step_backend="xla"), 0),
     ("prefix cache", EngineConfig(block_size=4, num_blocks=200, max_num_seqs=3), 21),
     ("preemption", EngineConfig(block_size=4, num_blocks=24, max_num_batched_tokens=32), 0),
 ])
@@ -84,7 +89,7 @@ def test_greedy_engine_equals_single_sequence_decoding(params, name, engine_conf
         assert max(o.num_cached_tokens for o in outs) == 20
     if name == "preemption":
         assert stats["preemptions"] > 0
-    if name == "chunked prefill":
+    if name.startswith("chunked prefill"):
         assert stats["steps"] > sum(len(p) for p in prompts) / 7
 
 
@@ -101,6 +106,103 @@ def test_output_does_not_depend_on_the_batch(params):
                  + [SamplingParams(temperature=0, max_tokens=5)] * 2)
     assert [o.outputs[0].token_ids for o in alone] == [o.outputs[0].token_ids
                                                        for o in crowd[3:5]]
+
+
+@pytest.mark.parametrize("backend", ["xla", "auto"])
+def test_greedy_output_is_the_same_whatever_shares_its_steps(params, backend):
+    """One request alone, then with others of other lengths arriving while it decodes, so
+    its decode tokens share passes (and token buckets) with their prefill chunks."""
+    prompt = _prompts(12, 1)[0]
+    greedy = SamplingParams(temperature=0, max_tokens=14, logprobs=1)
+    config = EngineConfig(block_size=4, num_blocks=200, max_num_batched_tokens=24,
+                          step_backend=backend)
+    alone = _run(EngineCore(params, CFG, None, config), [prompt], [greedy])[0].outputs[0]
+    engine = EngineCore(params, CFG, None, config)
+    if backend == "auto":
+        assert engine.backend == ("kernel" if cpu_decoder.available() else "xla")
+    engine.add_request("p", prompt, greedy)
+    engine.add_request("early", _prompts(13, 1)[0], SamplingParams(temperature=0, max_tokens=5))
+    mixed = 0
+    for i, late in enumerate(_prompts(14, 4)):
+        engine.step()
+        seq = engine.requests["p"].seqs[0]
+        engine.add_request(f"late{i}", late + late, SamplingParams(temperature=1.0, max_tokens=3))
+        decoding = len(seq.tokens) - seq.num_computed == 1
+        engine.step()  # p decodes while late{i}'s prompt is prefilled in chunks
+        mixed += decoding and engine.requests[f"late{i}"].seqs[0].num_computed > 0
+    assert mixed > 0
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    engine.blocks.check_no_leak()
+    crowd = done["p"].outputs[0]
+    assert crowd.token_ids == alone.token_ids == greedy_reference(params, prompt, 14)
+    np.testing.assert_allclose([d["logprob"] for d in crowd.logprobs],
+                               [d["logprob"] for d in alone.logprobs], atol=1e-5)
+
+
+_forward = jax.jit(forward, static_argnames=("config",))
+
+
+@pytest.mark.parametrize("kv_dtype,window,unroll", [("float32", 0, True), ("int8", 5, False)])
+def test_ragged_forward_equals_the_full_forward(kv_dtype, window, unroll):
+    """Three sequences in one flat batch: a decode over 10 cached positions, a fresh
+    7-token prefill and a 5-token chunk after 5 cached ones (block size 3: chunks straddle
+    blocks); every token's logits against the cache-free forward of its whole sequence."""
+    cfg = dataclasses.replace(REFERENCE_CFG, attention_window=window)
+    full = init_params(cfg, jax.random.key(3))
+    params = unstack_layers(full) if unroll else full
+    pool = PagedKVCache.create(cfg, 40, 3, kv_dtype, unrolled=unroll)
+    rng = np.random.default_rng(4)
+    seqs = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (11, 7, 10)]
+    cached, tables = [10, 0, 5], [[5, 2, 9, 1], [3, 7, 4], [6, 8, 10, 11]]
+    for seq, n, blocks in zip(seqs, cached, tables):  # the cached prefixes, the old way
+        if n:
+            padded = np.pad(np.array([seq[:n]]), ((0, 0), (0, 16 - n)))
+            positions = np.where(np.arange(16) < n, np.arange(16), -1)[None]
+            _, pool = _forward(params, jnp.asarray(padded), jnp.asarray(positions), cfg,
+                               cache=pool.with_tables(jnp.asarray(np.pad([blocks], ((0, 0),
+                                                                                    (0, 4))))))
+            pool = pool.with_tables(None)
+    builder = FlatBatchBuilder(4, 8)
+    flat = [builder.add(blocks, seq[n:], n) for seq, n, blocks in zip(seqs, cached, tables)]
+    b = builder.build([i for f in flat for i in f], pow_buckets(8, 64), pow_buckets(1, 64))
+    assert len(b.tokens) == 16 and b.num_tokens == 1 + 7 + 5  # padded to the token bucket
+    logits, _ = jax.jit(ragged_forward, static_argnames=("config", "dtype"))(
+        params, pool, *map(jnp.asarray, (b.tokens, b.positions, b.seq_index, b.tables,
+                                         b.logits_index)), config=cfg)
+    tol = {"float32": 1e-4, "int8": 0.3}[kv_dtype]  # int8: the KV codes' rounding
+    row = 0
+    for seq, n in zip(seqs, cached):
+        want, _ = _forward(full, jnp.asarray([seq]), jnp.arange(len(seq))[None], cfg)
+        for p in range(n, len(seq)):
+            np.testing.assert_allclose(logits[row], want[0, p], atol=tol)
+            row += 1
+
+
+def test_warmup_compiles_every_step_shape_and_changes_nothing(params):
+    engine = EngineCore(params, CFG, None, EngineConfig(block_size=4, num_blocks=100,
+                                                        max_num_seqs=4,
+                                                        max_num_batched_tokens=20,
+                                                        step_backend="xla"))
+    assert engine.buckets() == [(t, r) for t in (8, 16, 32) for r in (1, 2, 4, 8)]
+    pool = [np.asarray(a[1:]) for a in engine.model.pool.k]
+    calls = []
+    variants = [dict(temperature=0.0), dict(temperature=1.0, top_p=0.9)]  # of SAMPLER_WARMUP
+    total = 12 + 2 * 4 + 2  # passes, sampler variants x row buckets, copy sizes 4 and 8
+    assert engine.warmup(lambda done, n: calls.append((done, n)), variants) == total
+    assert calls == [(i + 1, total) for i in range(total)]
+    assert all((np.asarray(a[1:]) == b).all() for a, b in zip(engine.model.pool.k, pool))
+    assert engine.blocks.num_free == engine.blocks.num_usable and not engine.has_unfinished()
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _, **kw: compiles.append(event) if "backend_compile" in event else None)
+    shared = _prompts(16, 1)[0] * 2  # n > 1 forks copy its last partial block
+    _run(engine, _prompts(15, 5) + [shared],
+         [SamplingParams(temperature=t, max_tokens=m, top_p=p) for t, m, p in
+          zip([0, 1.0, 0, 0.7, 0], [3, 9, 1, 12, 6], [1, 0.9, 1, 0.8, 1])]
+         + [SamplingParams(n=3, temperature=0.8, top_p=0.9, max_tokens=7, seed=1)])
+    assert compiles == []
 
 
 def test_parallel_samples_share_the_prompt_blocks(params):

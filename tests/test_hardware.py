@@ -46,6 +46,7 @@ def test_measured_cpu_is_cached_per_machine_with_its_load(tmp_path, monkeypatch)
                         "measure_paged_attention": {"rows": (2,), "layers": 2, "repeats": 1},
                         "measure_decode_attention": {"layers": 2, "repeats": 1},
                         "measure_dispatch_overhead": {"ops": 16, "repeats": 2},
+                        "measure_bf16_kernel_flops": {"n": 256, "repeats": 2},
                         "measure_all_gather_bandwidth": {"nbytes": 8 * 2**20, "repeats": 2}
                         }.items():
         monkeypatch.setattr(hardware, name, functools.partial(getattr(hardware, name), **sizes))
@@ -58,6 +59,8 @@ def test_measured_cpu_is_cached_per_machine_with_its_load(tmp_path, monkeypatch)
     assert entry["probe"] == f"{hardware.probe_method()}, {hardware.cores()} threads"
     assert chip.hbm_bandwidth == entry["read_bandwidth"] and chip.peak("float32") > 1e9
     assert chip.peak("int8") == entry["int8"] and "at load 0.25" in chip.source
+    assert chip.peak("bfloat16") == max(entry["bfloat16"], entry["float32"],
+                                         entry["bfloat16_kernel"])
     assert chip.axis_bandwidth == entry["all_gather_bandwidth_8dev"] > 0
     assert chip.matvec_bandwidth == entry["matvec_bandwidth"] > 0
     assert chip.int8_matvec_bandwidth == entry["int8_matvec_bandwidth"]
@@ -99,6 +102,27 @@ def test_busy_machine_is_measured_but_not_cached_unless_forced(tmp_path, monkeyp
     assert json.loads(path.read_text())[fingerprint]["read_bandwidth"] == 3e10 + 2
     assert hardware.cpu_figures()["read_bandwidth"] == 3e10 + 2 and len(calls) == 2
     assert hardware.is_busy(1.01, 2) and not hardware.is_busy(1.0, 2)
+
+
+def test_probe_6_entry_gains_only_the_bf16_kernel_peak(tmp_path, monkeypatch):
+    """A cached entry of the previous probe is kept and completed with the kernel's peak,
+    which becomes the bf16 peak (MFU's); busy, it is not cached unless forced."""
+    monkeypatch.setenv("HPLLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(hardware, "_UNCACHED", {})
+    write_known_figures(tmp_path, len(jax.local_devices()), probe_version=6)
+    monkeypatch.setattr(hardware, "measure_cpu", lambda *a, **k: pytest.fail("full probe"))
+    monkeypatch.setattr(hardware, "measure_bf16_kernel_flops", lambda: 9e11)
+    monkeypatch.setattr(hardware, "load_average", lambda: (5.0, 5.0, 5.0))  # busy
+    lines = []
+    busy = hardware.cpu_figures(log=lines.append)
+    assert busy["cached"] is False and busy["bfloat16_kernel"] == 9e11 and len(lines) == 1
+    assert json.loads((tmp_path / "hardware.json").read_text())[
+        hardware._cpu_fingerprint()]["probe_version"] == 6  # untouched
+    monkeypatch.setattr(hardware, "load_average", lambda: (0.1, 0.1, 0.1))
+    entry = hardware.cpu_figures(force=True)
+    assert entry["cached"] is True and entry["probe_version"] == hardware.PROBE_VERSION
+    assert entry["read_bandwidth"] == 6e10 and entry["kernel_load_average"] == [0.1] * 3
+    assert hardware.measured_cpu().peak("bfloat16") == 9e11
 
 
 def test_dot_chains_at_one_and_several_rows():

@@ -145,6 +145,32 @@ def test_scheduler_decodes_first_then_chunked_prefill_within_budget():
     assert not out.prefills[0].samples
 
 
+def test_scheduler_never_schedules_more_than_max_num_seqs():
+    """Forked samples can make more sequences run than max_num_seqs (the step's block table
+    has that many rows): the newest wait a step, keeping their blocks, and are not
+    preempted."""
+    bm = BlockManager(100, 4)
+    s = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=64)
+    parent = _seq(6, 0)
+    s.add(parent)
+    for c in s.schedule().prefills:
+        s.commit(c)
+    children = []
+    for i in (1, 2):
+        child = Sequence(list(parent.tokens), 6, 0, index=i, table=bm.fork(parent.table),
+                         num_computed=6)
+        s.add_running(child)
+        children.append(child)
+    for seq in [parent, *children]:
+        seq.tokens.append(7)
+    out = s.schedule()
+    assert [c.seq for c in out.decodes] == [parent, children[0]] and not out.preempted
+    assert children[1].table.blocks and children[1] in s.running
+    for seq in [parent, *children]:
+        s.finish(seq, "stop")
+    bm.check_no_leak()
+
+
 def test_scheduler_preempts_newest_when_blocks_run_out():
     bm = BlockManager(5, 2)  # 4 usable blocks = 8 tokens
     s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)

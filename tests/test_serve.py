@@ -1,7 +1,8 @@
 """The OpenAI-compatible server, started for real on a loopback port and driven with the
 official `openai` client and raw httpx: results equal the offline engine's, bad input gets
 4xx error objects and the server keeps serving, disconnects free KV blocks, metrics count
-what was served, SIGTERM drains, and a bounded load test completes without errors.
+what was served, and a bounded load test completes without errors. Start-up, SIGKILL and
+SIGTERM, and compilations: tests/test_serve_robustness.py.
 
 The model is a random tiny Llama written as a Hugging Face directory with SmolLM2's real
 tokenizer (and chat template), so the same directory serves in-process and via `hpllm serve`.
@@ -9,11 +10,6 @@ tokenizer (and chat template), so the same directory serves in-process and via `
 
 import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -77,9 +73,10 @@ def offline(model):
 
 
 @contextlib.contextmanager
-def running_server(model, engine_config=ENGINE, **app_kw):
+def running_server(model, engine_config=ENGINE, warmup=False, progress=None, **app_kw):
+    """warmup, progress: AsyncEngine's (compile everything before ready)."""
     core = EngineCore(model.params, model.config, model.tokenizer, engine_config)
-    engine = AsyncEngine(core)
+    engine = AsyncEngine(core, warmup=warmup, progress=progress)
     app = create_app(engine, model.tokenizer, NAME, **app_kw)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -470,7 +467,7 @@ def test_models_health_tokenize_detokenize(srv, model):
     assert r["tokens"] == _chat_ids(model.tokenizer, messages)
 
 
-# -- priority 4: disconnects and SIGTERM ----------------------------------------------------
+# -- priority 4: disconnects ----------------------------------------------------
 def test_client_disconnect_aborts_and_frees_blocks(srv):
     finished_before = _get(f"{srv.url}/stats").json()["finished_requests"]
     body = {"prompt": "A long, long story", "max_tokens": 480, "ignore_eos": True,
@@ -491,60 +488,6 @@ def test_client_disconnect_aborts_and_frees_blocks(srv):
     _all_blocks_free(srv)
     stats = _get(f"{srv.url}/stats").json()
     assert stats["finished_requests"] == finished_before  # both were aborted, not finished
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_sigterm_drains_running_requests_and_exits_cleanly(model_dir):
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "hpllm.cli", "serve", str(model_dir),
-                             "--port", str(port), "--drain-timeout", "60",
-                             "--served-model-name", NAME, "--kv-memory", "8"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "XLA_FLAGS": ""})
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            with contextlib.suppress(httpx.HTTPError):
-                if _get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
-        text, finish, done = "", None, False
-        with httpx.stream("POST", f"{url}/v1/completions", timeout=120, json={
-                "prompt": "Drain me", "max_tokens": 200, "ignore_eos": True,
-                "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}) as r:
-            usage = None
-            for i, line in enumerate(r.iter_lines()):
-                if i == 0:
-                    proc.send_signal(signal.SIGTERM)  # mid-stream
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    done = True
-                    continue
-                chunk = json.loads(line[len("data: "):])
-                for c in chunk["choices"]:
-                    text += c["text"]
-                    finish = c["finish_reason"] or finish
-                usage = chunk.get("usage") or usage
-        assert done and finish == "length" and usage["completion_tokens"] == 200
-        assert proc.wait(timeout=60) == 0
-        output = proc.stdout.read()
-        assert '"event": "stopped"' in output, output
-        with pytest.raises(httpx.ConnectError):
-            _get(f"{url}/health", timeout=2)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 # -- priority 5: load -----------------------------------------------------------------------

@@ -6,6 +6,9 @@ lock-protected inbox and applied between steps. Each request's outputs come back
 asyncio queue: `async for out in engine.generate(...)` yields a RequestOutput per step in
 which the request advanced, the last one with finished=True. Leaving the loop early (a client
 disconnected) aborts the request and frees its blocks at the next step boundary.
+
+With warmup=True the thread first compiles every executable a step can need
+(`EngineCore.warmup`) and only then sets `ready`; requests queued meanwhile wait for it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import itertools
 import threading
 import time
+from typing import Callable
 
 from hpllm.infer.engine import EngineCore
 from hpllm.infer.requests import RequestOutput
@@ -24,9 +28,23 @@ class EngineDead(RuntimeError):
     """The engine thread stopped (an unexpected error in a step); requests cannot proceed."""
 
 
+class _Stopped(Exception):
+    """Raised through the warm-up's progress callback when shutdown() is called mid-way."""
+
+
 class AsyncEngine:
-    def __init__(self, core: EngineCore):
+    def __init__(self, core: EngineCore, warmup: bool = False,
+                 progress: Callable[[int, int], None] | None = None,
+                 start_when: threading.Event | None = None):
+        """warmup: compile everything before serving (see the module note); progress(done,
+        total) is called on the engine thread after each executable; start_when: the
+        thread waits for it before warming up (a server lets its socket open first: the
+        warm-up holds the GIL much of the time)."""
         self.core = core
+        self.ready = threading.Event()
+        self.warmup = {"compiled": 0, "total": 0, "seconds": 0.0}  # as of the last progress
+        self._warmup, self._progress, self._start_when = warmup, progress, start_when
+        self.aborts = 0  # aborts asked for from the event loop (a client left, ...)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._inbox: list = []  # ("add", id, prompt, params, stream) | ("abort", id)
@@ -44,6 +62,12 @@ class AsyncEngine:
     # -- the engine thread -------------------------------------------------------------------
     def _loop(self) -> None:
         try:
+            while self._start_when is not None and not self._start_when.wait(0.1):
+                if self._stop:
+                    return
+            if self._warmup:
+                self._compile_all()
+            self.ready.set()
             while not self._stop:
                 if self._apply_inbox():
                     self.stats = self.core.stats()
@@ -57,10 +81,26 @@ class AsyncEngine:
                     self._deliver(out)
                 for listener in self.step_listeners:
                     listener(self.core, outputs)
+        except _Stopped:
+            pass
         except BaseException as e:  # noqa: BLE001 - reported to every waiting request
             self.error = e
             for rid in list(self._streams):
                 self._deliver_error(rid, e)
+
+    def _compile_all(self) -> None:
+        start = time.monotonic()
+
+        def progress(done: int, total: int) -> None:
+            self.warmup = {"compiled": done, "total": total,
+                           "seconds": round(time.monotonic() - start, 3)}
+            if self._progress is not None:
+                self._progress(done, total)
+            if self._stop:  # shutting down: compiling the rest would only delay the exit
+                raise _Stopped()
+
+        done = self.core.warmup(progress)
+        progress(done, done)
 
     def _apply_inbox(self) -> bool:
         """Apply queued adds and aborts; True if there were any."""
@@ -144,7 +184,13 @@ class AsyncEngine:
         self._wake.set()
         await done
 
+    @property
+    def thread_id(self) -> int | None:
+        """The engine thread's identity (to tell its compilations from other threads')."""
+        return self._thread.ident
+
     def abort(self, request_id: str) -> None:
+        self.aborts += 1
         with self._lock:
             self._inbox.append(("abort", request_id))
         self._wake.set()

@@ -1,14 +1,16 @@
 """The engine core: requests in, RequestOutputs out, one `step()` at a time.
 
-One step = one schedule (hpllm.infer.scheduler): a jitted decode pass (one token for each
-running sequence, plus its speculative drafts when enabled) and a jitted prefill pass (a
-chunk of each prefilling sequence), both reading and writing the same block pool through
-per-row block tables (hpllm.infer.paged_model); then one jitted sampling call per pass
-(hpllm.infer.sampling; rows under a structured-output constraint bring their allowed-token
-masks, hpllm.infer.structured), and each new token goes to its request
-(hpllm.infer.requests: stop conditions, text, the grammar's progress). `EngineCore` is
-synchronous and single-threaded; the async engine (hpllm.infer.async_engine) drives it from a
-background thread, the offline `LLM` (hpllm.infer.llm) in a loop.
+One step = one schedule (hpllm.infer.scheduler) run as ONE pass over a flat batch of tokens
+(hpllm.infer.ragged): every decoding sequence's token (with its speculative drafts as extra
+tokens of its row) and every prefill chunk, end to end, reading and writing one block pool
+through the sequences' block tables (hpllm.infer.paged_model: the fused CPU decoder step or
+XLA). Passes are bucketed by token count and sampled rows only, so `warmup` can compile all
+of them before the first request. Then one jitted sampling call (hpllm.infer.sampling; rows
+under a structured-output constraint bring their allowed-token masks,
+hpllm.infer.structured), and each new token goes to its request (hpllm.infer.requests: stop
+conditions, text, the grammar's progress). `EngineCore` is synchronous and single-threaded;
+the async engine (hpllm.infer.async_engine) drives it from a background thread, the offline
+`LLM` (hpllm.infer.llm) in a loop.
 """
 
 from __future__ import annotations
@@ -23,16 +25,29 @@ import numpy as np
 from hpllm.config import EngineConfig, ModelConfig
 from hpllm.infer.generate import PromptError
 from hpllm.infer.kv_cache import BlockManager
-from hpllm.infer.paged_model import DTYPES, PagedModel, block_tables, num_blocks_for, pad_chunks
+from hpllm.infer.paged_model import (DTYPES, PagedModel, block_tables, choose_backend,
+                                     num_blocks_for)
+from hpllm.infer.ragged import (SMALLEST_TOKEN_BUCKET, FlatBatchBuilder, bucket, dummy_batch,
+                               pow_buckets)
 from hpllm.infer.requests import (Request, RequestMetrics, RequestOutput, prompt_ids,
                                   stop_token_ids)
-from hpllm.infer.sampling import SampleRow, SamplingParams, pow2_bucket, row_arrays, sample
+from hpllm.infer.sampling import SampleRow, SamplingParams, pow2_bucket, sample
 from hpllm.infer.scheduler import Chunk, Scheduler, Sequence
 from hpllm.infer.speculative.accept import accept_rows
 from hpllm.infer.speculative.control import speculable
 from hpllm.infer.speculative.engine_steps import Speculator
 from hpllm.infer.speculative.proposers import load_distilled_draft
 from hpllm.infer.structured import compile_grammar, fill_masks
+
+
+# greedy or not x top-p filter or not x logprobs none/0/1/2/4/8 (the sampler's static flags)
+SAMPLER_WARMUP = [dict(temperature=t, top_p=p, logprobs=k) for t, p in
+                  ((0.0, 1.0), (1.0, 1.0), (1.0, 0.9)) for k in (None, 0, 1, 2, 4, 8)]
+
+
+@jax.jit
+def _pick_rows(logits, index):
+    return logits[index]
 
 
 class EngineCore:
@@ -48,8 +63,9 @@ class EngineCore:
         self.max_model_len = min(ec.max_model_len or config.max_seq_len, config.max_seq_len)
         num_blocks = num_blocks_for(config, ec)
         self.blocks = BlockManager(num_blocks, ec.block_size, ec.enable_prefix_caching)
+        self.backend = choose_backend(ec, params, config)
         self.model = PagedModel(params, config, num_blocks, ec.block_size, DTYPES[ec.dtype],
-                                ec.kv_dtype, ec.unroll_layers)
+                                ec.kv_dtype, ec.unroll_layers, self.backend)
         self.speculator = None
         if ec.speculative:
             draft_model = None
@@ -64,8 +80,19 @@ class EngineCore:
                                    self._lookahead if self.speculator else None)
         self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(ec.seed)
+        # One (num_slots, width) table for the engine's life; passes bucketed by tokens and
+        # sampled rows only (speculative rows bring 1 + drafts logits each).
         self.table_width = pow2_bucket(math.ceil(self.max_model_len / ec.block_size), 4)
-        self.shapes: set[tuple[int, int]] = set()  # (rows, tokens per row) passes compiled
+        self.num_slots = ec.max_num_seqs
+        self.token_buckets = pow_buckets(SMALLEST_TOKEN_BUCKET, ec.max_num_batched_tokens)
+        max_rows = 2 * ec.max_num_seqs  # headroom for n > 1 forks' repeated rows
+        if self.speculator:
+            max_rows = (pow2_bucket(ec.max_num_seqs)
+                        * (1 + pow2_bucket(self.speculator.max_gamma, 4)) + ec.max_num_seqs)
+        # powers of 2 (the sampler's rows too): 4 left 32 decode rows paying for 64 in the
+        # LM head, +25% on the XLA step (SmolLM2, docs/perf/engine.md)
+        self.row_buckets = pow_buckets(1, max_rows)
+        self.shapes: set[tuple[int, int]] = set()  # (tokens, rows) passes run so far
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
                          "batched_tokens": 0, "finished_requests": 0}
 
@@ -131,16 +158,33 @@ class EngineCore:
         touched: dict[str, Request] = {}
         self.counters["steps"] += 1
         self.counters["batched_tokens"] += sched.num_tokens
-        for chunks in (sched.decodes, sched.prefills):
-            if not chunks:
-                continue
-            if any(c.lookahead for c in chunks):
-                self._speculative_decode(chunks, touched)
-                continue
-            logits = self._run(chunks)
-            for chunk in chunks:
-                self.scheduler.commit(chunk)
-            self._sample(logits, [c for c in chunks if c.samples], touched)
+        decodes, prefills = sched.decodes, sched.prefills
+        spec = None
+        if any(c.lookahead for c in decodes):
+            spec = self.speculator.propose_rows(decodes, self._tables(decodes))
+        builder = FlatBatchBuilder(self.num_slots, self.table_width)
+        index = spec.add_rows(builder, decodes) if spec else []
+        sampled, last = [], []
+        for c in (prefills if spec else decodes + prefills):
+            flat = builder.add(c.seq.table.blocks, c.seq.tokens[c.start:c.start + c.length],
+                               c.start)
+            if c.samples:
+                last.append(flat[-1])
+                sampled.append(c)
+        counts = [self._num_samples(c.seq) for c in sampled]
+        # forks' rows laid out by the pass itself (no gather), while the rows fit a bucket
+        laid_out = not spec and sum(counts) <= self.row_buckets[-1]
+        index += [i for i, k in zip(last, counts) for _ in range(k if laid_out else 1)]
+        batch = builder.build(index, self.token_buckets, self.row_buckets)
+        self.shapes.add((len(batch.tokens), len(batch.logits_index)))
+        logits = self.model.run_ragged(batch)
+        for c in (prefills if spec else decodes + prefills):
+            self.scheduler.commit(c)
+        offset = 0
+        if spec:
+            offset = spec.num_logits
+            self._speculative_decode(decodes, spec, logits, touched)
+        self._sample(logits, sampled, touched, offset, forks_laid_out=laid_out)
         outputs = []
         for req in touched.values():
             outputs.append(req.snapshot())
@@ -153,17 +197,47 @@ class EngineCore:
     def _tables(self, chunks: list[Chunk]):
         return block_tables(chunks, pow2_bucket(len(chunks)), self.table_width)
 
-    def _run(self, chunks: list[Chunk], drafts=None, n_proposed=None, tables=None):
-        """One pass over the chunks; with drafts (R, G) and n_proposed (R,), decode rows score
-        [last token, first n_proposed drafts] and every position's logits come back. tables:
-        the chunks' block tables if the caller already built them."""
-        tokens, positions, last = pad_chunks(chunks, pow2_bucket(len(chunks)),
-                                             self.engine_config.max_num_batched_tokens,
-                                             drafts, n_proposed)
-        self.shapes.add(tokens.shape)
-        if tables is None:
-            tables = self._tables(chunks)
-        return self.model.run(tokens, positions, tables, None if drafts is not None else last)
+    # -- compiling ahead (hpllm serve calls warmup before it reports ready) -------------------
+    def buckets(self) -> list[tuple[int, int]]:
+        """The (tokens, sampled rows) shapes a step's pass can have; warmup compiles each
+        (rows can exceed tokens: n > 1 forks and speculative rows repeat tokens)."""
+        return [(t, r) for t in self.token_buckets for r in self.row_buckets]
+
+    def warmup(self, progress=None, sampler_variants=None) -> int:
+        """Compile what a step runs, before the first request: the pass for every bucket in
+        buckets() (dummy passes that write only the null block), the sampler for every row
+        bucket in its common variants (greedy or not, top-k/p filters or not, logprobs
+        none/0/1/2/4/8) and the copy-on-write copies. Changes no engine state (every copy
+        is the null block onto itself). progress(done, total) after each; returns the
+        count. Not covered: penalties, logit_bias, structured-output masks, top_logprobs
+        over 8, speculative accept/reject (they compile on first use). sampler_variants:
+        SamplingParams keyword dicts in place of SAMPLER_WARMUP (a batch's sampler is the
+        union of its rows' variants, so the default is the whole product)."""
+        shapes = self.buckets()
+        variants = SAMPLER_WARMUP if sampler_variants is None else sampler_variants
+        copies = pow_buckets(4, 2 * self.scheduler.max_num_seqs)  # a decode copies <= 2
+        total = len(shapes) + len(variants) * len(self.row_buckets) + len(copies)
+        done = 0
+
+        def tick():
+            nonlocal done
+            done += 1
+            if progress:
+                progress(done, total)
+
+        for t, r in shapes:
+            self.model.run_ragged(dummy_batch(t, r, self.num_slots, self.table_width))
+            tick()
+        for r in self.row_buckets:
+            logits = jnp.zeros((r, self.config.vocab_size), jnp.float32)
+            for v in variants:
+                sample(logits, [SampleRow(SamplingParams(**v), 0, 0, 0, [], [])] * r)
+                tick()
+        for n in copies:
+            self.model.copy_blocks([(0, 0)] * n)
+            tick()
+        jax.block_until_ready(self.model.pool)
+        return total
 
     # -- speculative decoding (hpllm.infer.speculative.engine_steps) --------------------------
     def _lookahead(self, seq: Sequence) -> int:
@@ -174,27 +248,19 @@ class EngineCore:
         limit = min(p.max_tokens - seq.num_generated, self.max_model_len - len(seq.tokens)) - 1
         return self.speculator.lookahead(seq, limit)
 
-    def _speculative_decode(self, chunks: list[Chunk], touched: dict) -> None:
-        """Decode rows with drafts: propose, score every row's [last, drafts...] in one pass,
-        accept/reject per row; rows that cannot speculate sample their first position."""
-        sample_rows = [SampleRow(c.seq.request.params, c.seq.request.seed, c.seq.index,
-                                 c.seq.num_generated, c.seq.request.prompt_ids, c.seq.output_ids)
-                       for c in chunks]
-        arrays = {k: jnp.asarray(v)
-                  for k, v in row_arrays(sample_rows, pow2_bucket(len(chunks))).items()}
-        filters = any(r.params.has_filters for r in sample_rows)
-        tables = self._tables(chunks)
-        drafts, n_proposed, q = self.speculator.propose(chunks, tables, arrays, filters)
-        logits = self._run(chunks, drafts, n_proposed, tables)
+    def _speculative_decode(self, chunks: list[Chunk], spec, logits, touched: dict) -> None:
+        """Decode rows scored [last, drafts...] in this step's pass: accept/reject per row;
+        rows that cannot speculate sample their first position."""
+        drafts, n_proposed = spec.drafts, spec.n_proposed
         n_accepted, tokens = jax.device_get(accept_rows(
-            logits, jnp.asarray(drafts), q, jnp.asarray(n_proposed), arrays, filters=filters))
+            spec.scores(logits), jnp.asarray(drafts), spec.q, jnp.asarray(n_proposed),
+            spec.arrays, filters=spec.filters))
         plain = [r for r, c in enumerate(chunks) if not speculable(c.seq.request.params)]
+        for r in plain:
+            self.scheduler.commit(chunks[r])
         if plain:
-            for r in plain:
-                self.scheduler.commit(chunks[r])
-            index = np.zeros(pow2_bucket(len(plain)), np.int32)
-            index[:len(plain)] = plain
-            self._sample(logits[jnp.asarray(index), 0], [chunks[r] for r in plain], touched)
+            self._sample(logits, [chunks[r] for r in plain], touched,
+                         picks=[r * spec.width for r in plain])
         for r, c in enumerate(chunks):
             if r in plain:
                 continue
@@ -210,27 +276,40 @@ class EngineCore:
                 self.scheduler.commit(c)
 
     # -- sampling and new tokens -------------------------------------------------------------
-    def _sample(self, logits, chunks: list[Chunk], touched: dict) -> None:
-        """Sample the next token of each chunk's sequence; a request's first sample with
-        n > 1 draws n tokens from the same logits and forks the other n - 1 sequences."""
+    def _sample(self, logits, chunks: list[Chunk], touched: dict, offset: int = 0,
+                picks=None, forks_laid_out: bool = False) -> None:
+        """Sample the next token of each chunk's sequence from logits row offset + r (or
+        picks[r]); a request's first sample with n > 1 draws n tokens from the same logits
+        and forks the other n - 1 sequences (from n consecutive rows if forks_laid_out:
+        the pass returned that row n times, so no gather is needed)."""
+        where, row = [], offset
+        for r, c in enumerate(chunks):
+            where.append(picks[r] if picks else row)
+            row += self._num_samples(c.seq) if forks_laid_out else 1
         picks, rows, targets, matchers = [], [], [], []
         for r, c in enumerate(chunks):
             seq, req = c.seq, c.seq.request
-            forking = req.params.n > 1 and len(req.seqs) == 1 and seq.num_generated == 0
-            for index in (range(req.params.n) if forking else [seq.index]):
-                picks.append(r)
+            forking = self._num_samples(seq) > 1
+            for j, index in enumerate(range(req.params.n) if forking else [seq.index]):
+                picks.append(where[r] + (j if forks_laid_out else 0))
                 rows.append(SampleRow(req.params, req.seed, index, seq.num_generated,
                                       req.prompt_ids, seq.output_ids))
                 targets.append((seq, index))
                 matchers.append(req.matchers[seq.index])  # forks start from the parent's
         if not picks:
             return
-        index = np.zeros(pow2_bucket(len(picks)), np.int32)
-        index[:len(picks)] = picks
+        if picks == list(range(len(picks))) and logits.shape[0] >= len(picks):
+            n_rows = logits.shape[0]  # the pass returned exactly these rows
+        else:
+            n_rows = (bucket(len(picks), self.row_buckets) if len(picks) <= self.row_buckets[-1]
+                      else pow2_bucket(len(picks)))
+            index = np.zeros(n_rows, np.int32)
+            index[:len(picks)] = picks
+            logits = _pick_rows(logits, index)
         # the masks are computed on the host while the device still runs the forward pass
-        mask = (fill_masks(matchers, len(index), self.config.vocab_size)
+        mask = (fill_masks(matchers, n_rows, self.config.vocab_size)
                 if any(m is not None for m in matchers) else None)
-        sampled = sample(logits[jnp.asarray(index)], rows, mask)
+        sampled = sample(logits, rows, mask)
         # fork before the parent appends its token: children copy the prompt only
         targets = [seq if idx == seq.index else self._fork(seq, idx) for seq, idx in targets]
         for i, seq in enumerate(targets):
@@ -242,6 +321,13 @@ class EngineCore:
             lp = float(sampled.logprobs[i]) if sampled.logprobs is not None else None
             self._append(seq, int(sampled.tokens[i]), lp, top)
             touched[seq.request.request_id] = seq.request
+
+    @staticmethod
+    def _num_samples(seq: Sequence) -> int:
+        """Tokens sampled for this sequence now: n at a request's first sample (it forks)."""
+        req = seq.request
+        return req.params.n if req.params.n > 1 and len(req.seqs) == 1 and \
+            seq.num_generated == 0 else 1
 
     def _fork(self, parent: Sequence, index: int) -> Sequence:
         req = parent.request

@@ -1,16 +1,22 @@
 """Single-stream generation with a dense KV cache (gpt-fast style): one jitted prefill, one
 jitted decode step reused for every token. The paged, batched engine builds on the same
-`forward(..., cache=...)` interface (hpllm.model.kv_cache)."""
+`forward(..., cache=...)` interface (hpllm.model.kv_cache).
+
+On CPU, when the fused decoder kernel (hpllm/kernels/cpu_decoder.py) is built and supports
+the model, prefill and decode run through it instead (one FFI call per step over a
+one-sequence paged pool); `generate(..., cpu_kernel=False)` forces the XLA path."""
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
 from hpllm.config import ModelConfig
 from hpllm.infer.sampling import _filter, pow2_bucket
+from hpllm.kernels import cpu_decoder
 from hpllm.model.kv_cache import DenseKVCache
 from hpllm.model.transformer import forward, unstack_layers
 
@@ -50,31 +56,116 @@ def _decode(params, token, position, cache, config, dtype):
     return logits[:, -1], cache
 
 
+KERNEL_BLOCK_SIZE = 64  # positions per block of the kernel path's one-sequence pool
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("pool",))
+def _kernel_step(weights, pool, tokens, positions, tables, logits_index, config):
+    """One step of the kernel path: tokens of the one sequence (slot 0), padding at -1."""
+    return cpu_decoder.step(weights, pool, tokens, positions, jnp.zeros_like(tokens), tables,
+                            logits_index, config=config)
+
+
+def kernel_unsupported(params, config: ModelConfig, dtype=jnp.float32,
+                       kv_dtype: str = "float32") -> str | None:
+    """Why generate() cannot take the fused CPU decoder path here (None: it can)."""
+    if jax.default_backend() != "cpu":
+        return f"the default backend is {jax.default_backend()}, not cpu"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"compute dtype {jnp.dtype(dtype).name} (the kernel computes in float32)"
+    if not cpu_decoder.available():
+        return "the cpu_decoder kernel is not available (disabled or not built)"
+    return cpu_decoder.unsupported(config, params, kv_dtype)
+
+
+_PREPARED: list = []  # [(param leaves, config, weights)]: the last model's kernel layout
+
+
+def _prepared(params, config: ModelConfig):
+    """cpu_decoder.prepare(params), reused while the same parameter arrays come back."""
+    leaves = jax.tree.leaves(params)
+    if _PREPARED:
+        old, old_config, weights = _PREPARED[0]
+        if old_config == config and len(old) == len(leaves) and all(
+                a is b for a, b in zip(old, leaves)):
+            return weights
+    weights = cpu_decoder.prepare(params, config)
+    _PREPARED[:] = [(leaves, config, weights)]
+    return weights
+
+
+def _kernel_generate(params, config, prompt, end, temperature, top_k, top_p, seed, stop_ids):
+    weights = _prepared(params, config)
+    length = pow2_bucket(end, 256, config.max_seq_len)
+    blocks = math.ceil(length / KERNEL_BLOCK_SIZE)
+    pool = cpu_decoder.create_pool(config, blocks + 1, KERNEL_BLOCK_SIZE)  # + the null block
+    tables = jnp.arange(1, blocks + 1, dtype=jnp.int32)[None]
+    padded = pow2_bucket(len(prompt), 16, length)  # one compiled prefill per bucket
+    tokens = jnp.asarray(prompt + [0] * (padded - len(prompt)), jnp.int32)
+    positions = jnp.where(jnp.arange(padded) < len(prompt), jnp.arange(padded), -1)
+    last = jnp.asarray([len(prompt) - 1], jnp.int32)
+    logits, pool = _kernel_step(weights, pool, tokens, positions.astype(jnp.int32), tables,
+                                last, config)
+    zero = jnp.zeros(1, jnp.int32)
+
+    def advance(token, position):
+        nonlocal pool
+        logits, pool = _kernel_step(weights, pool, token, jnp.full(1, position, jnp.int32),
+                                    tables, zero, config)
+        return logits
+
+    yield from _sampled(logits, range(len(prompt), end), seed, temperature, top_k, top_p,
+                        stop_ids, advance)
+
+
+def _sampled(logits, positions: range, seed, temperature, top_k, top_p, stop_ids, advance):
+    """Yields the token sampled from `logits` at each position and gets the next logits
+    from advance(token, position), until a stop id or the last position."""
+    key = jax.random.key(seed)
+    for position in positions:
+        key, subkey = jax.random.split(key)
+        token = sample_logits(logits, subkey, temperature, top_k, top_p)
+        token_id = int(token[0])
+        yield token_id
+        if token_id in stop_ids or position + 1 >= positions.stop:
+            return
+        logits = advance(token.astype(jnp.int32), position)
+
+
 def generate(params, config: ModelConfig, prompt: list[int], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             stop_ids=(), dtype=jnp.float32, kv_dtype: str = "float32"):
+             stop_ids=(), dtype=jnp.float32, kv_dtype: str = "float32",
+             cpu_kernel: bool | None = None):
     """Yields new token ids one at a time (so callers can stream them). `dtype` is the
     compute dtype; kv_dtype (float32, bfloat16 or int8) the KV cache's: int8 keeps codes
-    with per-token-per-head scales."""
+    with per-token-per-head scales. cpu_kernel: None runs through the fused CPU decoder
+    when `kernel_unsupported` finds nothing against it, False always takes the XLA path,
+    True requires the kernel (ValueError saying why not)."""
     if not prompt:
         raise PromptError("generate needs a non-empty prompt")
     end = min(len(prompt) + max_new_tokens, config.max_seq_len)
     if len(prompt) >= end:
         raise PromptError(f"prompt of {len(prompt)} tokens leaves no room in max_seq_len "
                           f"{config.max_seq_len}")
+    if cpu_kernel is not False:
+        reason = kernel_unsupported(params, config, dtype, kv_dtype)
+        if reason is None:
+            yield from _kernel_generate(params, config, prompt, end, temperature, top_k, top_p,
+                                        seed, stop_ids)
+            return
+        if cpu_kernel:
+            raise ValueError(f"generate(cpu_kernel=True): {reason}")
     params = unstack_layers(params)  # decode reads each layer's weights as its own array
     cache = DenseKVCache.create(config, 1, pow2_bucket(end, 256, config.max_seq_len), kv_dtype)
     # one compiled prefill and decode serve all prompt and cache lengths in a bucket
     padded = prompt + [0] * (pow2_bucket(len(prompt), 16, cache.length) - len(prompt))
     logits, cache = _prefill(params, jnp.asarray([padded], jnp.int32), jnp.int32(len(prompt)),
                              cache, config, dtype)
-    key = jax.random.key(seed)
-    for position in range(len(prompt), end):
-        key, subkey = jax.random.split(key)
-        token = sample_logits(logits, subkey, temperature, top_k, top_p)
-        token_id = int(token[0])
-        yield token_id
-        if token_id in stop_ids or position + 1 >= end:
-            return
-        logits, cache = _decode(params, token.astype(jnp.int32), jnp.int32(position), cache,
-                                config, dtype)
+
+    def advance(token, position):
+        nonlocal cache
+        logits, cache = _decode(params, token, jnp.int32(position), cache, config, dtype)
+        return logits
+
+    yield from _sampled(logits, range(len(prompt), end), seed, temperature, top_k, top_p,
+                        stop_ids, advance)

@@ -1,10 +1,13 @@
 """The device half of the engine: parameters, the paged KV block pool, and the jitted passes
 over it, with the host-side padding that keeps the compiled shapes few.
 
-A pass takes (B, S) tokens and positions (-1 = padding) and (B, M) block tables: position p of
-row b lives in block tables[b, p // block_size]. Rows are bucketed to powers of two, prefill
-chunk lengths to powers of four from 16, and the table width is fixed for the engine's life,
-so a handful of compiled variants serve every batch.
+The engine's step is one ragged pass (hpllm.infer.ragged: a flat batch of tokens, bucketed by
+token count and sampled rows) run by one of two backends:
+  kernel  the fused CPU decoder step (hpllm.kernels.cpu_decoder) where it runs the model
+          (CPU, float32 compute and KV, supported weights), with its own pool layout;
+  xla     ragged_stack + ragged_head (GPU/TPU, and every case the kernel does not run).
+`run` is the older padded pass over (B, S) rows (the speculative draft model's catch-up,
+hpllm.perf.measure): position p of row b lives in block tables[b, p // block_size].
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpllm.config import EngineConfig, ModelConfig
+from hpllm.config import ConfigError, EngineConfig, ModelConfig
+from hpllm.infer.ragged import FlatBatch, ragged_head, ragged_stack
 from hpllm.infer.sampling import pow2_bucket
 from hpllm.infer.scheduler import Chunk
+from hpllm.kernels import cpu_decoder
 from hpllm.model.kv_cache import PagedKVCache, copy_blocks, kv_bytes_per_token
 from hpllm.model.transformer import forward, unstack_layers
 
@@ -39,11 +44,52 @@ def _run_model(params, pool, tokens, positions, tables, last, config, dtype):
     return logits, pool.with_tables(None)
 
 
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("pool",))
+def _kernel_step(weights, pool, tokens, positions, seq_index, tables, logits_index, config):
+    return cpu_decoder.step(weights, pool, tokens, positions, seq_index, tables, logits_index,
+                            config=config)
+
+
+@functools.partial(jax.jit, donate_argnames=("pool",))
+def _kernel_copy(pool, src, dst):
+    return cpu_decoder.copy_blocks(pool, src, dst)
+
+
+def choose_backend(engine: EngineConfig, params, config: ModelConfig) -> str:
+    """"kernel" or "xla" for EngineConfig.step_backend ("auto": the kernel wherever it runs
+    this model). Self-speculation drafts through the target's XLA pool: always "xla"."""
+    if engine.step_backend == "xla":
+        return "xla"
+    reason = None
+    if jax.default_backend() != "cpu":
+        reason = f"the fused decoder step is CPU only (backend {jax.default_backend()})"
+    elif engine.dtype != "float32":
+        reason = f"the fused decoder step computes in float32, not {engine.dtype}"
+    elif engine.speculative == "self":
+        reason = "self-speculation drafts through the XLA pool"
+    elif not cpu_decoder.available():
+        reason = "the fused decoder step is not available (HPLLM_CPU_KERNELS=0 or no build)"
+    else:
+        reason = cpu_decoder.unsupported(config, params, engine.kv_dtype)
+    if reason is None:
+        return "kernel"
+    if engine.step_backend == "kernel":
+        raise ConfigError(f"step_backend='kernel': {reason}")
+    return "xla"
+
+
 class PagedModel:
     """Parameters, the block pool (a PagedKVCache), and the jitted passes over it."""
 
     def __init__(self, params, config: ModelConfig, num_blocks: int, block_size: int,
-                 dtype=jnp.float32, kv_dtype: str = "float32", unroll_layers: bool = True):
+                 dtype=jnp.float32, kv_dtype: str = "float32", unroll_layers: bool = True,
+                 backend: str = "xla"):
+        self.backend = backend
+        if backend == "kernel":  # the kernel's own weight layout and pool; no XLA pass
+            self.params, self.config, self.dtype = params, config, dtype
+            self.weights = cpu_decoder.prepare(params, config)
+            self.pool = cpu_decoder.create_pool(config, num_blocks, block_size, kv_dtype)
+            return
         # Unrolled, each layer's weights are their own arrays: XLA:CPU reads them at memory
         # speed, where a scan's dynamic slices are copied first (see unstack_layers).
         self.params = unstack_layers(params) if unroll_layers else params
@@ -64,10 +110,28 @@ class PagedModel:
                                        self.config, self.dtype)
         return logits
 
+    def run_ragged(self, batch: FlatBatch):
+        """One ragged pass (hpllm.infer.ragged): (R, V) float32 logits on device."""
+        args = [jnp.asarray(a) for a in (batch.tokens, batch.positions, batch.seq_index,
+                                         batch.tables)]
+        index = jnp.asarray(batch.logits_index)
+        if self.backend == "kernel":
+            logits, self.pool = _kernel_step(self.weights, self.pool, *args, index,
+                                             self.config)
+            return logits
+        hidden, self.pool = ragged_stack(self.params, self.pool, *args, self.config,
+                                         self.dtype)
+        return ragged_head(self.params, hidden, index, self.config)
+
     def copy_blocks(self, pairs) -> None:
+        """Copy-on-write copies (src, dst), padded to a power of two (from 4) with null-block
+        self-copies so few shapes compile."""
         if pairs:
-            src, dst = (jnp.asarray(x, jnp.int32) for x in zip(*pairs))
-            self.pool = copy_blocks(self.pool, src, dst)
+            n = pow2_bucket(len(pairs), 4)
+            src, dst = (np.array(list(x) + [0] * (n - len(pairs)), np.int32)
+                        for x in zip(*pairs))
+            copy = _kernel_copy if self.backend == "kernel" else copy_blocks
+            self.pool = copy(self.pool, src, dst)
 
 
 def block_tables(chunks: list[Chunk], rows: int, width: int) -> np.ndarray:
@@ -78,29 +142,3 @@ def block_tables(chunks: list[Chunk], rows: int, width: int) -> np.ndarray:
     for r, c in enumerate(chunks):
         tables[r, :len(c.seq.table.blocks)] = c.seq.table.blocks
     return tables
-
-
-def pad_chunks(chunks: list[Chunk], rows: int, max_chunk: int, drafts=None, n_proposed=None):
-    """numpy (rows, width) tokens and positions (-1 = padding) of the chunks, and (rows,) the
-    index of each row's last token. With drafts (R, G) and n_proposed (R,), each decode row
-    is [its token, first n_proposed drafts] (width 1 + G). Else the width is 1 for decodes
-    and a power of four from 16 (capped by max_chunk's bucket) for prefill chunks."""
-    longest = max(c.length for c in chunks)
-    width = 1 if longest == 1 else 16
-    while width < longest:
-        width *= 4
-    if longest > 1:
-        width = min(width, pow2_bucket(max_chunk, 16))
-    if drafts is not None:
-        width = 1 + drafts.shape[1]
-    tokens = np.zeros((rows, width), np.int32)
-    positions = np.full((rows, width), -1, np.int32)
-    last = np.zeros(rows, np.int32)
-    for r, c in enumerate(chunks):
-        n = c.length if drafts is None else 1 + n_proposed[r]
-        tokens[r, :c.length] = c.seq.tokens[c.start:c.start + c.length]
-        if drafts is not None:
-            tokens[r, 1:n] = drafts[r, :n - 1]
-        positions[r, :n] = np.arange(c.start, c.start + n)
-        last[r] = c.length - 1
-    return tokens, positions, last

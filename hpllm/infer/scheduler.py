@@ -142,7 +142,9 @@ class Scheduler:
         out = Schedule()
         budget = self.max_num_batched_tokens
         i = 0
-        while i < len(self.running) and budget > 0:
+        # at most max_num_seqs chunks (forked samples can make more running): the step's
+        # table has that many rows; the rest wait a step, keeping their blocks
+        while i < len(self.running) and budget > 0 and i < self.max_num_seqs:
             seq = self.running[i]
             todo = len(seq.tokens) - seq.num_computed
             n = min(todo, budget)

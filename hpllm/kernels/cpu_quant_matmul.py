@@ -1,162 +1,113 @@
-"""CPU kernels for matmuls with quantized weights (int8 per row, int4 per group), through
-JAX's FFI, beside their XLA references.
+"""CPU matmuls with float32 or quantized weights (int8 per row, int4 per group) through JAX's
+FFI, on gemm.h, beside their XLA references.
 
 XLA:CPU converts a whole int8 matrix into a fresh float32 buffer before the dot, so decode
 with quantized weights ran ~8-12x slower than float32 (docs/perf/quantization.md). The C++
-kernels in csrc/quant_matmul.cc read each weight row once, convert it in registers (AVX2 +
-FMA when the compiler targets them) and multiply it against all M rows of x, over XLA's
-intra-op thread pool: the weight bytes a decode step reads really shrink.
+kernels (csrc/quant_matmul.cc over the header-only core csrc/gemm.h, docs/perf/cpu_gemm.md)
+read each weight row once, convert it in registers (AVX-512, AVX2 or scalar, whatever the
+compiler targets) and multiply it against a register tile of x's rows; for many rows
+(prefill) they convert panels of weight rows once. Rows of W are split over XLA's intra-op
+thread pool, at any M.
 
-The source is compiled on first use with g++ (-O3 -march=native) into
-$HPLLM_CACHE/kernels/quant_matmul-<hash>.so (hash of source, flags, compiler, jax version and
-CPU), loaded with ctypes and registered as FFI targets for the CPU platform. `available()`
-says whether that worked (no g++, a failed build: a warning says why, once);
-HPLLM_CPU_KERNELS=0 turns the kernels off.
+Built on first use by hpllm.kernels.native (g++ -O3 -march=native into the kernel cache,
+hashed over the sources and gemm.h), loaded with ctypes and registered as FFI targets for
+the CPU platform. `available()` says whether that worked (no g++, a failed build: a warning
+says why, once); HPLLM_CPU_KERNELS=0 turns the kernels off.
 
     int8_matmul(x, q, scale)                       x (..., K) @ (q * scale[:, None]).T
     int4_matmul(x, packed, scale, k, group_size)   x (..., K) @ dequantized int4 (N, K).T
+    f32_matmul(x, w)                               x (..., K) @ w.T, w float32 (N, K)
+    matmul_block(...)                              gemm.h on NumPy arrays (ctypes; tests)
+
+int8_matmul(prepared=True), or HPLLM_INT8_VNNI=1: x is quantized to int8 per block of 64 k
+and multiplied int8 x int8 (VNNI): faster for several rows, but x's rounding costs
+perplexity (+0.35 % on SmolLM2-135M, above the +0.1 % gate), so it is off by default.
 
 x may be any float dtype: the kernels compute in float32 and return x.dtype. Gradients flow
 to x (dy @ W) and to the scales, through the XLA references; the integer codes get none.
 The int4 byte layout (`pack_int4`, `unpack_int4`) is defined here, beside the kernel that
 reads it; hpllm/quantized.py packs weights with it. Of hpllm this module imports only
-`hpllm.cache` (where the build is kept).
+`hpllm.kernels.native` (the build).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import pathlib
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpllm.cache import cache_dir
+from hpllm.kernels import native
 
-SOURCE = pathlib.Path(__file__).parent / "csrc" / "quant_matmul.cc"
-COMMON_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17")
-NATIVE_FLAGS = ("-march=native", *COMMON_FLAGS)
-# Targets x86-64 without AVX2: the scalar fallback, built only by the tests.
-PORTABLE_FLAGS = ("-march=x86-64", "-mtune=generic", *COMMON_FLAGS)
-ENV_SWITCH = "HPLLM_CPU_KERNELS"
+SOURCE = native.CSRC / "quant_matmul.cc"
+HEADERS = (native.CSRC / "gemm.h",)
+ENV_SWITCH = native.ENV_SWITCH
+# Quantize x per block and multiply int8 x int8 (VNNI) in int8_matmul; see prepared_supported.
+VNNI_SWITCH = "HPLLM_INT8_VNNI"
+_SYMBOLS = {"f32": "HpllmF32Matmul", "int8": "HpllmInt8Matmul", "int4": "HpllmInt4Matmul",
+            "int8_vnni": "HpllmInt8MatmulVnni"}
 
 
 class KernelError(RuntimeError):
     """The CPU kernels cannot be built or loaded, or were called with bad shapes; says why."""
 
 
-# ------------------------------------------------------------------------------ building
-
-def _compiler() -> str:
-    path = shutil.which("g++")
-    if path is None:
-        raise KernelError("g++ not found on PATH")
-    return path
-
-
-def _cpu_id() -> str:
-    """What -march=native depends on: the machine and its CPU feature flags."""
-    flags = ""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = line
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()}|{flags}"
-
-
-def build(flags: tuple = NATIVE_FLAGS, source_path: pathlib.Path = SOURCE) -> pathlib.Path:
-    """The compiled library of `source_path` (default: these kernels) for `flags`, built once
-    per source, flags, compiler, jax version and CPU. Written under a temporary name and
-    renamed into place, so a concurrent process never loads a half-written file."""
-    compiler = _compiler()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    source = source_path.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
-                                     jax.__version__.encode(), _cpu_id().encode()]))
-    out = cache_dir() / "kernels" / f"{source_path.stem}-{key.hexdigest()[:16]}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.stem, suffix=".tmp")
-    os.close(fd)
-    # -isystem: the FFI headers are not ours to keep warning-free
-    cmd = [compiler, *flags, "-isystem", jax.ffi.include_dir(), str(source_path), "-o", tmp]
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            errors = [ln for ln in result.stderr.splitlines() if "error" in ln]
-            raise KernelError(f"{' '.join(cmd)} failed: "
-                              f"{(errors or result.stderr.splitlines() or ['?'])[0]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
-
-
-_TARGETS = {"int8": "HpllmInt8Matmul", "int4": "HpllmInt4Matmul"}
-
-
-@functools.cache
-def _load(variant: str) -> str:
-    """Builds, loads and registers the kernels of `variant` ("native" or "portable"); the FFI
-    target-name suffix. Raises KernelError."""
-    flags = NATIVE_FLAGS if variant == "native" else PORTABLE_FLAGS
-    library = ctypes.cdll.LoadLibrary(str(build(flags)))
+def _targets(variant: str) -> dict[str, str]:
     suffix = "" if variant == "native" else f"_{variant}"
-    for kind, symbol in _TARGETS.items():
-        jax.ffi.register_ffi_target(f"hpllm_{kind}_matmul{suffix}",
-                                    jax.ffi.pycapsule(getattr(library, symbol)),
-                                    platform="cpu")
-    _LIBRARIES.append(library)  # never unloaded: XLA holds the handler pointers
-    return suffix
+    return {f"hpllm_{kind}_matmul{suffix}": symbol for kind, symbol in _SYMBOLS.items()}
 
 
-_LIBRARIES: list = []
+def library_path(variant: str = "native") -> pathlib.Path:
+    """The compiled kernels of `variant` ("native": -march=native, "portable": x86-64, the
+    scalar fallbacks), built on first use. Raises native.NativeBuildError."""
+    return native.build("quant_matmul", [SOURCE], HEADERS, portable=variant == "portable")
 
 
 @functools.cache
-def _native_status() -> str | None:
-    """None when the native kernels are registered, else why not (warned once)."""
-    try:
-        _load("native")
-        return None
-    except (OSError, RuntimeError, AttributeError) as e:  # KernelError, XLA's errors
-        reason = str(e)
-    warnings.warn(f"hpllm: CPU quantized-matmul kernels unavailable ({reason}); quantized "
-                  "matmuls use the XLA path", RuntimeWarning, stacklevel=3)
-    return reason
+def library(variant: str = "native") -> ctypes.CDLL:
+    """The loaded library of `variant`, for its plain C entries (HpllmMatmulBlock & co.)."""
+    return ctypes.cdll.LoadLibrary(str(library_path(variant)))
 
 
 def enabled() -> bool:
     """False when HPLLM_CPU_KERNELS=0."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return native.enabled()
+
+
+def _status(variant: str) -> str | None:
+    """None when the kernels of `variant` are registered, else why not (warned once)."""
+    return native.load_status("quant_matmul", [SOURCE], HEADERS, _targets(variant),
+                              portable=variant == "portable")
 
 
 def available() -> bool:
     """Whether the CPU kernels can be used: enabled, compiled and registered (built on the
     first call)."""
-    return enabled() and _native_status() is None
+    return _status("native") is None
 
 
 def _suffix(variant: str) -> str:
-    if variant == "native":
-        reason = _native_status() if enabled() else f"disabled by {ENV_SWITCH}=0"
-        if reason is not None:
-            raise KernelError(f"CPU quantized-matmul kernels unavailable: {reason}")
-    return _load(variant)
+    if variant not in ("native", "portable"):
+        raise KernelError(f"unknown kernel variant {variant!r}: 'native' or 'portable'")
+    reason = _status(variant)
+    if reason is not None:
+        raise KernelError(f"CPU quantized-matmul kernels unavailable: {reason}")
+    return "" if variant == "native" else f"_{variant}"
+
+
+@functools.cache
+def prepared_supported(variant: str = "native") -> bool:
+    """Whether the library of `variant` has the int8 x int8 (VNNI) path compiled in."""
+    return bool(library(variant).HpllmHasVnni())
+
+
+def vnni_enabled() -> bool:
+    """HPLLM_INT8_VNNI=1: int8_matmul quantizes x per block and multiplies int8 x int8."""
+    return os.environ.get(VNNI_SWITCH, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 # --------------------------------------------------------------------------- int4 layout
@@ -204,28 +155,28 @@ def int4_matmul_reference(x, packed, scale, group_size: int):
 
 # ------------------------------------------------------------------------- the FFI calls
 
-def _ffi(kind: str, suffix: str, x, weight, scale, **attrs):
+def _ffi(kind: str, suffix: str, x, weight, *rest, **attrs):
     out = jax.ShapeDtypeStruct((*x.shape[:-1], weight.shape[-2]), jnp.float32)
     # expand_dims: vmapped calls get size-1 batch axes on unbatched operands; the kernel
     # broadcasts them, so a weight shared by the batch is still read once.
     call = jax.ffi.ffi_call(f"hpllm_{kind}_matmul{suffix}", out, vmap_method="expand_dims")
-    return call(x, weight, scale, **attrs)
+    return call(x, weight, *rest, **attrs)
 
 
 def _no_cotangent(a):
     return np.zeros(a.shape, jax.dtypes.float0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _int8(suffix, x, q, scale):
-    return _ffi("int8", suffix, x, q, scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _int8(kind, suffix, x, q, scale):
+    return _ffi(kind, suffix, x, q, scale)
 
 
-def _int8_fwd(suffix, x, q, scale):
-    return _int8(suffix, x, q, scale), (x, q, scale)
+def _int8_fwd(kind, suffix, x, q, scale):
+    return _int8(kind, suffix, x, q, scale), (x, q, scale)
 
 
-def _int8_bwd(suffix, residuals, dy):
+def _int8_bwd(kind, suffix, residuals, dy):
     x, q, scale = residuals
     _, vjp = jax.vjp(lambda x, s: int8_matmul_reference(x, q, s), x, scale)
     dx, dscale = vjp(dy)
@@ -233,6 +184,23 @@ def _int8_bwd(suffix, residuals, dy):
 
 
 _int8.defvjp(_int8_fwd, _int8_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _f32(suffix, x, w):
+    return _ffi("f32", suffix, x, w)
+
+
+def _f32_fwd(suffix, x, w):
+    return _f32(suffix, x, w), (x, w)
+
+
+def _f32_bwd(suffix, residuals, dy):
+    x, w = residuals
+    return dy @ w, dy.T @ x
+
+
+_f32.defvjp(_f32_fwd, _f32_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -263,9 +231,13 @@ def _check_x(x, k: int, what: str):
         raise KernelError(f"{what}: x {tuple(x.shape)} must end in the weight's K = {k}")
 
 
-def int8_matmul(x, q, scale, *, variant: str = "native"):
+def int8_matmul(x, q, scale, *, variant: str = "native", prepared: bool | None = None):
     """x (..., K) @ W^T with W = q (N, K) int8 * scale (N,) (or (N, 1)) per row: (..., N) in
-    x.dtype, computed in float32 by the CPU kernel."""
+    x.dtype, computed in float32 by the CPU kernel.
+
+    prepared=True: x quantized to int8 per block of 64 (gemm.h prepare_x) and int8 x int8
+    products (VNNI) - faster, with x's rounding added; None: as HPLLM_INT8_VNNI says, where
+    the library has VNNI."""
     if q.dtype != jnp.int8 or q.ndim != 2:
         raise KernelError(f"int8_matmul: q must be int8 (N, K), got {q.dtype} {tuple(q.shape)}")
     n, k = q.shape
@@ -275,7 +247,9 @@ def int8_matmul(x, q, scale, *, variant: str = "native"):
     _check_x(x, k, "int8_matmul")
     suffix = _suffix(variant)
     lead = x.shape[:-1]
-    y = _int8(suffix, x.reshape(-1, k).astype(jnp.float32), q,
+    if prepared is None:
+        prepared = vnni_enabled() and prepared_supported(variant)
+    y = _int8("int8_vnni" if prepared else "int8", suffix, x.reshape(-1, k).astype(jnp.float32), q,
               scale.reshape(n).astype(jnp.float32))
     return y.reshape(*lead, n).astype(x.dtype)
 
@@ -302,3 +276,48 @@ def int4_matmul(x, packed, scale, k: int, group_size: int, *, variant: str = "na
     y = _int4(suffix, int(group_size), x.reshape(-1, k).astype(jnp.float32), packed,
               scale.astype(jnp.float32))
     return y.reshape(*lead, n).astype(x.dtype)
+
+
+def f32_matmul(x, w, *, variant: str = "native"):
+    """x (..., K) @ w.T for a float32 w (N, K) (output-major, as the tied LM head): (..., N) in
+    x.dtype, computed in float32 by gemm.h."""
+    if w.dtype != jnp.float32 or w.ndim != 2:
+        raise KernelError(f"f32_matmul: w must be float32 (N, K), got {w.dtype} {tuple(w.shape)}")
+    n, k = w.shape
+    _check_x(x, k, "f32_matmul")
+    suffix = _suffix(variant)
+    lead = x.shape[:-1]
+    y = _f32(suffix, x.reshape(-1, k).astype(jnp.float32), w)
+    return y.reshape(*lead, n).astype(x.dtype)
+
+
+# ------------------------------------------------------------ gemm.h through ctypes (tests)
+
+FORMATS = {"f32": 0, "int8": 1, "int4": 2}
+
+
+def matmul_block(fmt: str, x, w, scale, k: int, group_size: int, n0: int, n1: int, y,
+                 accumulate: bool, *, variant: str = "native", prepared: bool = False):
+    """gemm.h's matmul_block (prepared: prepare_x + matmul_block_prepared, int8 only) on NumPy
+    arrays, in place on y: y[:, n0:n1] (+)= x[:, :k] @ W[n0:n1].T. x and y may be row-strided
+    views of wider C-contiguous arrays (ldx, ldy = their row strides)."""
+    for a, dtype in ((x, np.float32), (y, np.float32)):
+        if a.dtype != dtype or a.ndim != 2 or a.strides[1] != 4:
+            raise KernelError("matmul_block: x and y must be float32 2-D with unit column stride")
+    if not 0 <= n0 <= n1 <= w.shape[0] or x.shape[1] < k or y.shape[1] < n1:
+        raise KernelError(f"matmul_block: rows [{n0}, {n1}) or k = {k} do not fit")
+    lib = library(variant)
+    vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    w = np.ascontiguousarray(w)
+    sp = None if scale is None else np.ascontiguousarray(scale, np.float32)
+    common = (x.ctypes.data, i64(x.shape[0]), i64(x.strides[0] // 4))
+    tail = (i64(n0), i64(n1), vp(y.ctypes.data), i64(y.strides[0] // 4), ctypes.c_int(accumulate))
+    if prepared:
+        if fmt != "int8":
+            raise KernelError("matmul_block: the prepared (int8 x int8) path takes int8 weights")
+        lib.HpllmMatmulBlockPrepared(vp(common[0]), *common[1:], vp(w.ctypes.data),
+                                     vp(sp.ctypes.data), i64(w.shape[0]), i64(k), *tail)
+    else:
+        lib.HpllmMatmulBlock(ctypes.c_int(FORMATS[fmt]), vp(common[0]), *common[1:],
+                             vp(w.ctypes.data), vp(None if sp is None else sp.ctypes.data),
+                             i64(w.shape[0]), i64(k), i64(group_size), *tail)

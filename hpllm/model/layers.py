@@ -18,8 +18,10 @@ def rope_angles(positions, head_dim, theta):
     """cos, sin of shape positions.shape + (head_dim,), for the rotate-half layout."""
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (..., head_dim/2)
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
+    # cos/sin of the half, then duplicated: the same values, half the transcendentals (the
+    # training step's sin was 3 % of it on CPU, docs/perf/train_cpu.md)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
 
 
 def apply_rope(x, cos, sin):

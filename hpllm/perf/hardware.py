@@ -5,7 +5,9 @@ the convention; a CPU has no honest datasheet number for XLA, so we measure once
 and cache the figures under ~/.cache/hpllm/hardware.json, with the load average and date of
 the measurement:
 
-- matmul peak per dtype: a large jitted matmul (XLA:CPU runs it on all cores);
+- matmul peak per dtype: a large jitted matmul (XLA:CPU runs it on all cores), and for
+  bfloat16 also hpllm's AVX512-BF16 kernel (kernels/cpu_matmul.py, what CPU training runs
+  its projections on): XLA's own bf16 dot reaches a third of the machine's bf16 peak;
 - read and copy bandwidth: a small C++ probe (kernels/csrc/memory_probe.cc, built like the
   quantized-matmul kernels) with one thread per core, or NumPy in threads without a compiler.
   A jitted reduction runs on one XLA thread and sees about half of what the cores can read.
@@ -34,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hpllm.cache import cache_dir
-from hpllm.kernels import cpu_quant_matmul, paged_attention
+from hpllm.kernels import cpu_matmul, cpu_quant_matmul, native, paged_attention
 from hpllm.config import ModelConfig
 from hpllm.model.kv_cache import DenseKVCache
 
@@ -172,6 +174,17 @@ def measure_matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5
     return 2 * n**3 / min(time_calls(lambda: matmul(a, b), repeats))
 
 
+def measure_bf16_kernel_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-`repeats` FLOP/s of the CPU bf16 matmul kernel on n×n×n (0 without it)."""
+    if not cpu_matmul.available():
+        return 0.0
+    key = jax.random.key(0)
+    a = jax.random.normal(key, (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.bfloat16)
+    matmul = jax.jit(lambda a, b: cpu_matmul.matmul(a, b, out_dtype=jnp.float32))
+    return 2 * n**3 / min(time_calls(lambda: matmul(a, b), repeats))
+
+
 def cores() -> int:
     """CPUs this process may run on (its affinity mask, not the machine's count)."""
     try:
@@ -180,16 +193,15 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-PROBE_SOURCE = cpu_quant_matmul.SOURCE.parent / "memory_probe.cc"
+PROBE_SOURCE = native.CSRC / "memory_probe.cc"
 
 
 @functools.cache
 def _probe_library():
     """The compiled memory probe (ctypes), or None without a working g++."""
     try:
-        library = ctypes.CDLL(str(cpu_quant_matmul.build(
-            cpu_quant_matmul.NATIVE_FLAGS, PROBE_SOURCE)))
-    except (OSError, cpu_quant_matmul.KernelError):
+        library = ctypes.CDLL(str(native.build("memory_probe", [PROBE_SOURCE])))
+    except (OSError, native.NativeBuildError):
         return None
     for fn in (library.hpllm_read_bandwidth, library.hpllm_copy_bandwidth):
         fn.restype = ctypes.c_double
@@ -487,8 +499,10 @@ def _cpu_fingerprint() -> str:
 
 
 # Entries of older probes (one-thread reads, no load recorded; no int8-kernel, per-dot or
-# layer-shaped batched chains; no one-row dot table or attention rates) are measured again.
-PROBE_VERSION = 6
+# layer-shaped batched chains; no one-row dot table or attention rates) are measured again;
+# probe 6's lacks only the bf16 kernel's peak, which is measured alone and added.
+PROBE_VERSION = 7
+_KERNEL_ONLY_VERSION = 6
 _UNCACHED: dict = {}  # fingerprint -> figures measured on a busy machine, this process only
 
 
@@ -509,6 +523,7 @@ def measure_cpu(n_devices: int = 1, method: str = "auto") -> dict:
     """Every figure of this CPU, with the load average when the measurement began."""
     load, n = load_average(), cores()
     entry = {dtype: measure_matmul_flops(dtype) for dtype in MATMUL_DTYPES}
+    entry["bfloat16_kernel"] = measure_bf16_kernel_flops()
     per_op, per_call = measure_dispatch_overhead()
     matvec, matvec_dot = measure_matvec()
     int8_matvec, int8_dot = measure_matvec(int8=True)
@@ -550,14 +565,21 @@ def cpu_figures(refresh: bool = False, force: bool = False, log=None) -> dict:
         return dict(entry, cached=True)
     if fingerprint in _UNCACHED and not refresh and not force:
         return dict(_UNCACHED[fingerprint], cached=False)
-    measured = measure_cpu(n_devices)
+    if entry.get("probe_version") == _KERNEL_ONLY_VERSION and not refresh:
+        load = load_average()
+        measured = {**entry, "bfloat16_kernel": measure_bf16_kernel_flops(),
+                    "probe_version": PROBE_VERSION, "kernel_load_average": list(load)}
+        measured["busy"] = entry["busy"] or is_busy(load[0], cores())
+    else:
+        measured = measure_cpu(n_devices)
     if fresh:  # keep the all-gather figures of other device counts
         measured = {**{k: v for k, v in entry.items() if k.startswith("all_gather")},
                     **measured}
     if measured["busy"] and not force:
         _UNCACHED[fingerprint] = measured
         (log or (lambda line: print(line, file=sys.stderr)))(
-            f"hpllm: not caching these figures: load average {measured['load_average'][0]:.2f}"
+            f"hpllm: not caching these figures: load average "
+            f"{measured.get('kernel_load_average', measured['load_average'])[0]:.2f}"
             f" on {measured['cores']} cores (other work is running, so they read low); "
             "measure again on an idle machine, or force it (`hpllm hw --refresh --force`)")
         return dict(measured, cached=False)
@@ -575,10 +597,10 @@ def measured_cpu(refresh: bool = False, force: bool = False) -> Chip:
     n_devices = len(jax.local_devices())
     gather_key = f"all_gather_bandwidth_{n_devices}dev"
     # XLA:CPU runs the dots of a bf16 program as float32 XNNPACK fusions (converts around
-    # them), which beat its standalone bf16 matmul: the profile showed bf16 training matmuls
-    # at 1.4x the measured bf16 peak. The peak a bf16 program can reach is the better of the
-    # two, and dividing by it keeps MFU from being inflated.
-    low = max(entry["bfloat16"], entry["float32"])
+    # them), which beat its standalone bf16 matmul; a bf16 training step on CPU runs its
+    # projections on the AVX512-BF16 kernel, faster than both. The peak a bf16 program can
+    # reach is the best of the three, and dividing by it keeps MFU from being inflated.
+    low = max(entry["bfloat16"], entry["float32"], entry.get("bfloat16_kernel", 0.0))
     flops = {"float32": entry["float32"], "bfloat16": low,
              "float16": max(entry["float16"], entry["float32"]), "int8": entry["int8"]}
     gather = entry.get(gather_key, 0.0)
@@ -586,7 +608,9 @@ def measured_cpu(refresh: bool = False, force: bool = False) -> Chip:
     return Chip(f"CPU ({cpu_name()})", flops, _meminfo_bytes(),
                 entry["read_bandwidth"], gather, f"measured {entry['measured_at']} at load "
                 f"{load:.2f} on {entry['cores']} cores{' (busy: low)' if entry['busy'] else ''}:"
-                f" jitted 2048^3 matmul; 1 GiB read, {entry['probe']} "
+                f" jitted 2048^3 matmul"
+                + (" (bf16: hpllm's kernel)" if entry.get("bfloat16_kernel", 0.0) == low else "")
+                + f"; 1 GiB read, {entry['probe']} "
                 f"(copy {entry['copy_bandwidth'] / 1e9:.1f} GB/s)"
                 + (f", all-gather over {n_devices} devices" if gather else ""),
                 measured=True, axis_bandwidth=gather, ici_bandwidth=gather,

@@ -29,18 +29,22 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from tqdm import tqdm
 
+from hpllm.cache import enable_compilation_cache
 from hpllm.checkpoints.registry import load_model
 from hpllm.config import EngineConfig
 from hpllm.infer.async_engine import AsyncEngine
 from hpllm.infer.engine import EngineCore
 from hpllm.serve.fields import IgnoredFieldsHeader
+from hpllm.serve.metrics import JAX_CACHE
 from hpllm.serve.routes import router
 from hpllm.serve.state import APIError, ServerState
 
@@ -99,19 +103,44 @@ def _log_to_stderr(level: str) -> None:
     logger.setLevel(level.upper())
 
 
+def _report_ready(engine: AsyncEngine, bar, started: float) -> None:
+    """One JSON line on stderr once the engine is ready: how long start-up took."""
+    engine.ready.wait()
+    bar.close()
+    print(json.dumps({"event": "ready", "startup_s": round(time.monotonic() - started, 1),
+                      "compile_s": engine.warmup["seconds"], "executables":
+                      engine.warmup["total"], "jax_cache_hits": JAX_CACHE["hit"],
+                      "jax_cache_misses": JAX_CACHE["miss"]}), file=sys.stderr, flush=True)
+
+
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
           engine_config: EngineConfig | None = None,
           served_model_name: str = "", max_pending: int = 256, drain_timeout: float = 30.0,
           log_level: str = "info", **load_kw) -> int:
     """Load a model (load_kw: quant, group_size, threshold of `load_model`), start the engine
-    and serve until SIGINT/SIGTERM. On a signal the listening socket closes, running requests
+    and serve until SIGINT/SIGTERM. The socket listens at once, but until the engine has
+    compiled every executable (a progress bar on stderr; loaded from JAX's persistent cache
+    under cache_dir()/jax when an earlier run wrote them) /health answers 503 and requests
+    are refused with 503. On a signal the listening socket closes, running requests
     get up to `drain_timeout` seconds to finish (then they are cancelled, which aborts them),
     and the process returns 0."""
+    started = time.monotonic()
+    enable_compilation_cache()
     loaded = load_model(model, progress=sys.stderr.isatty(), **load_kw)
     core = EngineCore(loaded.params, loaded.config, loaded.tokenizer,
                       engine_config or EngineConfig())
-    engine = AsyncEngine(core)
+    bar = tqdm(desc="compiling", unit=" executables", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    listening = threading.Event()  # /health answers (503) while the engine compiles
+    engine = AsyncEngine(core, warmup=True, progress=progress, start_when=listening)
     app = create_app(engine, loaded.tokenizer, served_model_name or model, max_pending)
+    app.router.on_startup.append(listening.set)
+    threading.Thread(target=_report_ready, args=(engine, bar, started), name="hpllm-ready",
+                     daemon=True).start()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=drain_timeout, access_log=False)
     server = uvicorn.Server(config)
@@ -119,7 +148,6 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     # uvicorn re-raises a caught SIGTERM after its graceful shutdown, which would kill us with
     # status 143; a no-op handler underneath turns that into a plain return.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    started = time.monotonic()
     try:
         server.run()
     finally:

@@ -10,6 +10,11 @@ with shape `burstiness`: 1 = Poisson, < 1 burstier), or all at once (rate = inf)
 (TPOT = (latency - TTFT) / (tokens - 1)) and the end-to-end latency; a request counts as
 complete only if its stream ended with `data: [DONE]`, a finish reason, and the number of
 tokens asked for.
+
+A warm-up of other lengths (another seed) runs first and is not measured. Against an hpllm
+server the summary also holds what its /stats says once the load has gone: KV blocks still
+held (leaked) and executables compiled after ready; other servers have no such endpoint
+(None).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -162,6 +168,11 @@ def format_summary(s: dict) -> str:
         cells = "".join(f"{st[k]:>10.1f}" if st[k] is not None else f"{'-':>10}"
                         for k in ("mean", "median", "p99"))
         lines.append(f"{name:18}{cells}")
+    server = s.get("server")
+    if server is not None:
+        lines.append(f"server after the load: {server['kv_blocks_leaked']} KV blocks still "
+                     f"held, {server['compilations_after_ready']} compilations after ready"
+                     + (f", {server['pending']} requests pending" if server["pending"] else ""))
     for e in s["first_errors"]:
         lines.append(f"error: {e}")
     return "\n".join(lines)
@@ -183,21 +194,57 @@ def served_model(base_url: str) -> str:
     return r.json()["data"][0]["id"]
 
 
+def server_state(base_url: str, timeout: float = 60.0) -> dict | None:
+    """An hpllm server's leftovers once nothing is pending (waits up to `timeout` s for
+    aborted or finishing requests to be let go): {"kv_blocks_leaked", "compilations_after_
+    ready", "pending"}; None for a server without hpllm's /stats."""
+    import httpx  # an optional dependency (the test extra)
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            r = httpx.get(base_url.rstrip("/") + "/stats", timeout=30)
+            stats = r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+        if not isinstance(stats, dict) or "free_blocks" not in stats:
+            return None
+        idle = stats.get("pending", 0) == 0 and stats["running"] == 0 and stats["waiting"] == 0
+        if idle or time.monotonic() > deadline:
+            return {"kv_blocks_leaked": stats["num_blocks"] - stats["free_blocks"],
+                    "compilations_after_ready": sum(stats.get("compilations_after_ready",
+                                                              {}).values()),
+                    "pending": stats.get("pending", 0)}
+        time.sleep(0.05)
+
+
 def bench_serve(base_url: str, num_prompts: int = 100, concurrency: int = 0,
                 rate: float = math.inf, burstiness: float = 1.0, prompt_len=(32, 256),
                 output_len=(16, 128), seed: int = 0, model: str = "", tokenizer=None,
-                timeout: float = 600.0) -> dict:
-    """Benchmark a running server; returns the summary (with the settings under "config")."""
+                timeout: float = 600.0, warmup_prompts: int = 0) -> dict:
+    """Benchmark a running OpenAI-compatible server; returns the summary (with the settings
+    under "config"). model: the id to send (default: the server's first in /v1/models);
+    tokenizer: a tokenizer object, or a registry name / .gguf / HF directory to read one
+    from (default: `model`), for servers whose model id is not one; warmup_prompts: requests
+    of other lengths sent first, not measured."""
     model = model or served_model(base_url)
-    tokenizer = tokenizer or load_tokenizer(model)
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(str(tokenizer or model))
+    if warmup_prompts:
+        warm = shakespeare_requests(tokenizer, warmup_prompts, prompt_len, output_len,
+                                    seed + 1000)
+        asyncio.run(run_load(base_url, model, warm, concurrency, math.inf, 1.0, seed,
+                             timeout))
     requests = shakespeare_requests(tokenizer, num_prompts, prompt_len, output_len, seed)
     results, duration = asyncio.run(run_load(base_url, model, requests, concurrency, rate,
                                              burstiness, seed, timeout))
     summary = summarize(results, duration)
+    summary["server"] = server_state(base_url)
     summary["config"] = {"base_url": base_url, "model": model, "num_prompts": num_prompts,
                          "concurrency": concurrency, "rate": rate if math.isfinite(rate)
                          else "inf", "burstiness": burstiness, "prompt_len": list(prompt_len),
-                         "output_len": list(output_len), "seed": seed}
+                         "output_len": list(output_len), "seed": seed,
+                         "warmup_prompts": warmup_prompts}
     summary["per_request"] = [{k: v for k, v in asdict(r).items() if k != "itl"}
                               for r in results]
     return summary

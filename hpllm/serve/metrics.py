@@ -5,13 +5,26 @@ Engine-wide state (running/waiting requests, KV usage, prefix cache and token co
 read at scrape time from the AsyncEngine's latest stats snapshot, so it is current even when
 no step has run since (an abort, for instance). Per-request latencies are observed when a
 request finishes, by a step listener on the engine thread (prometheus-client is thread-safe).
+
+Compilations are seen through jax.monitoring: JAX records BACKEND_COMPILE_EVENT for every
+executable it builds, loaded from the persistent cache or compiled, on the thread that
+needed it. `hpllm_compilations_after_ready_total` counts those after the engine was ready
+(where="engine" on its thread, which should stay 0 for the life of the server; "other" for
+the rest of the process: embeddings, prompt scoring); `hpllm:jax_cache_total` counts the
+process's persistent-cache lookups by result (a miss is an entry compiled and written).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import weakref
+
+import jax
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+_log = logging.getLogger("hpllm.serve")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -56,6 +69,12 @@ class _EngineCollector:
         yield counter("num_preemptions", "Sequences preempted for lack of KV blocks.",
                       s["preemptions"])
         yield counter("engine_steps", "Engine steps run.", s["steps"])
+        lookups = CounterMetricFamily("hpllm:jax_cache", "Persistent compilation cache "
+                                      "lookups of this process, by result (miss: compiled "
+                                      "and written).", labels=["model_name", "result"])
+        for result, count in JAX_CACHE.items():
+            lookups.add_metric([self.model_name, result], count)
+        yield lookups
         if "spec_proposed" in s:  # vLLM's spec_decode_* counters
             yield counter("spec_decode_num_draft_tokens", "Draft tokens scored by the target.",
                           s["spec_proposed"])
@@ -63,11 +82,47 @@ class _EngineCollector:
                           s["spec_accepted"])
 
 
+# the event names of the installed jax (jax/_src/dispatch.py, compiler.py, compilation_cache.py)
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+CACHE_MISS_EVENT = "/jax/compilation_cache/cache_misses"
+_watchers: weakref.WeakSet = weakref.WeakSet()  # the live ServerMetrics
+# persistent-cache lookups of this process since this module was imported (before the
+# weights load): "miss" = compiled and written
+JAX_CACHE = {"hit": 0, "miss": 0}
+
+
+def _on_duration(event: str, duration: float, fun_name: str = "?", **_) -> None:
+    if event == BACKEND_COMPILE_EVENT:
+        for w in list(_watchers):
+            w.on_compile(fun_name, duration)
+
+
+def _on_event(event: str, **_) -> None:
+    if event in (CACHE_HIT_EVENT, CACHE_MISS_EVENT):
+        JAX_CACHE["hit" if event == CACHE_HIT_EVENT else "miss"] += 1
+
+
+# once per process (there is one JAX), dispatching to every live ServerMetrics
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+jax.monitoring.register_event_listener(_on_event)
+
+
 class ServerMetrics:
     def __init__(self, engine, model_name: str):
         self.registry = CollectorRegistry()
         self.model_name = model_name
+        self.engine = engine
         self.registry.register(_EngineCollector(engine, model_name))
+        self.compilations = Counter(
+            "hpllm_compilations_after_ready", "Executables JAX built (compiled or loaded from "
+            "the persistent cache) after the engine was ready, by thread: engine (a step met "
+            "a shape warm-up did not cover) or other.", ["model_name", "where"],
+            registry=self.registry)
+        self.after_ready = {"engine": 0, "other": 0}  # the same counts, for /stats
+        for where in self.after_ready:  # exported as 0 from the start
+            self.compilations.labels(model_name, where)
+        _watchers.add(self)
 
         def histogram(name, doc):
             return Histogram(f"hpllm:{name}", doc, ["model_name"], registry=self.registry,
@@ -106,6 +161,17 @@ class ServerMetrics:
                 self.itl.observe(b - a)
         reason = out.outputs[0].finish_reason if out.outputs else None
         self.success.labels(self.model_name, reason or "unknown").inc()
+
+    def on_compile(self, name: str, seconds: float) -> None:
+        """A jax.monitoring listener (on the compiling thread); names the first few in the
+        log, since each is a shape the warm-up missed or work outside the engine."""
+        if self.engine.ready.is_set():
+            where = ("engine" if threading.get_ident() == self.engine.thread_id else "other")
+            self.after_ready[where] += 1
+            self.compilations.labels(self.model_name, where).inc()
+            if sum(self.after_ready.values()) <= 20:
+                _log.warning("compiled %s after ready (%s thread, %.2f s)", name, where,
+                             seconds)
 
     def count_error(self, status: int) -> None:
         self.errors.labels(self.model_name, str(status)).inc()

@@ -7,12 +7,12 @@ import base64
 import dataclasses
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from hpllm.infer.embeddings import EmbeddingError
 from hpllm.serve import protocol as P
 from hpllm.serve import tools
-from hpllm.serve.metrics import CONTENT_TYPE
+from hpllm.serve.metrics import CONTENT_TYPE, JAX_CACHE
 from hpllm.serve.state import APIError, ServerState, render_chat, start, usage, validate_sampling
 from hpllm.serve.streaming import Delta, hold_back, stream_response
 
@@ -25,7 +25,13 @@ def _state(request: Request) -> ServerState:
 
 @router.get("/health")
 async def health(request: Request):
-    _state(request).check_engine()
+    """200 once every executable is compiled; 503 while compiling (with the progress) or
+    when the engine has stopped."""
+    server = _state(request)
+    server.check_engine()
+    if not server.engine.ready.is_set():
+        return JSONResponse({"status": "compiling", **server.engine.warmup}, status_code=503,
+                            headers={"Retry-After": "1"})
     return {"status": "ok"}
 
 
@@ -43,8 +49,12 @@ async def metrics(request: Request):
 
 @router.get("/stats")
 async def stats(request: Request):
-    engine = _state(request).engine
-    return {**engine.stats, "pending": engine.num_pending}
+    server = _state(request)
+    engine = server.engine
+    return {**engine.stats, "pending": engine.num_pending, "aborts": engine.aborts,
+            "ready": engine.ready.is_set(), "warmup": engine.warmup,
+            "compilations_after_ready": server.metrics.after_ready,
+            "jax_cache": JAX_CACHE}
 
 
 @router.post("/tokenize")

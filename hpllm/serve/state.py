@@ -126,6 +126,11 @@ class ServerState:
         if self.draining:
             raise APIError(503, "the server is shutting down", "server_error",
                            code="shutting_down")
+        if not self.engine.ready.is_set():  # refused, not queued behind the compilations
+            w = self.engine.warmup
+            raise APIError(503, f"the server is compiling its executables ({w['compiled']} of "
+                                f"{w['total'] or '?'} done); retry when /health says ok",
+                           "server_error", code="compiling")
         if self.engine.num_pending + count > self.max_pending:
             raise APIError(503, f"the server already holds {self.engine.num_pending} requests "
                                 f"(limit {self.max_pending}); retry later", "server_error",

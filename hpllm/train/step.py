@@ -2,7 +2,9 @@
 
 The state (hpllm/train/state.py) holds master weights in `param_dtype` (float32 by default);
 the forward pass casts them to `compute_dtype`, so the gradients and the optimizer update
-stay in the master precision.
+stay in the master precision. On CPU with bf16 compute, the model's projections (forward
+and both gradients) run on the AVX512-BF16 kernel of hpllm/kernels/cpu_matmul.py
+(`cpu_kernels`; docs/perf/train_cpu.md has the measurements).
 """
 
 from __future__ import annotations
@@ -14,14 +16,22 @@ import jax.numpy as jnp
 import optax
 
 from hpllm.config import Config, ModelConfig
+from hpllm.kernels import cpu_matmul
 from hpllm.model import moe
-from hpllm.model.transformer import decoder_stack, embed, head
+from hpllm.model.transformer import decoder_stack, embed, head, unstack_layers
 from hpllm.parallel import sharding
 from hpllm.parallel.one_f_one_b import pipeline_loss
 from hpllm.parallel.pipeline import pipeline_layers
 from hpllm.quantized import cast_params
 from hpllm.train.state import (learning_rate_schedule, loss_scale_of, make_optimizer,
                                param_shardings, state_shardings)
+
+
+# Up to this many layers an unsharded training forward unrolls the decoder instead of
+# scanning it: the scan stacks every layer's saved activations into (L, ...) buffers with a
+# copy each, and slices each layer's weights out of the stacked arrays with another
+# (docs/perf/train_cpu.md: 1.24x on the default preset's CPU step). Dense models only.
+UNROLL_LAYERS = 8
 
 
 def training_logits(params, tokens, positions, config: ModelConfig, *, segment_ids=None,
@@ -40,7 +50,11 @@ def training_logits(params, tokens, positions, config: ModelConfig, *, segment_i
     if microbatches:
         x, stats = pipeline_layers(stack, params["layers"], x, extras, microbatches=microbatches)
     else:
-        x, stats = stack(params["layers"], x, extras)
+        layers = params["layers"]
+        if (config.n_layers <= UNROLL_LAYERS and not config.n_experts
+                and sharding.context_mesh() is None):  # sharded steps keep their layer loop
+            layers = unstack_layers(params)["layers"]
+        x, stats = stack(layers, x, extras)
     return head(params, x, config), stats
 
 
@@ -112,14 +126,24 @@ def loss_fn(params, batch, config: Config):
     return ce + config.model.router_aux_weight * aux["aux_loss"], aux
 
 
-def train_step(state: dict, batch: dict, config: Config) -> tuple[dict, dict]:
+def _kernel_routing(config: Config, cpu_kernels: bool):
+    """The context in which the step is traced: the CPU bf16 matmul kernel for the model's
+    projections when asked, the compute dtype is bf16 and no mesh shards the step (the
+    kernel is one device's; XLA partitions its own dots)."""
+    return cpu_matmul.routing(cpu_kernels and config.train.compute_dtype == "bfloat16"
+                              and sharding.context_mesh() is None)
+
+
+def train_step(state: dict, batch: dict, config: Config, *,
+               cpu_kernels: bool = True) -> tuple[dict, dict]:
     scale = loss_scale_of(state["opt_state"], config.train)  # float16: gradients stay in range
 
     def scaled_loss(params):
         loss, aux = loss_fn(params, batch, config)
         return loss * scale, aux
 
-    (_, aux), grads = jax.value_and_grad(scaled_loss, has_aux=True)(state["params"])
+    with _kernel_routing(config, cpu_kernels):
+        (_, aux), grads = jax.value_and_grad(scaled_loss, has_aux=True)(state["params"])
     grads = jax.tree.map(lambda g: g / scale, grads)
     optimizer = make_optimizer(config.train)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -131,22 +155,25 @@ def train_step(state: dict, batch: dict, config: Config) -> tuple[dict, dict]:
     return new_state, metrics
 
 
-def eval_step(params, batch: dict, config: Config) -> dict:
+def eval_step(params, batch: dict, config: Config, *, cpu_kernels: bool = True) -> dict:
     """Sums over the batch, so evaluations over many batches add up exactly."""
-    nll = token_nll(params, batch, config)
+    with _kernel_routing(config, cpu_kernels):
+        nll = token_nll(params, batch, config)
     mask = batch["loss_mask"]
     return {"nll": (nll * mask).sum(), "tokens": mask.sum(),
             "bytes": batch["target_bytes"].sum()}
 
 
-def jit_train_step(config: Config, mesh=None, rules=None, *, opt_memory_kind=None):
+def jit_train_step(config: Config, mesh=None, rules=None, *, opt_memory_kind=None,
+                   cpu_kernels: bool = True):
     """The whole step under one jit; the old state's buffers are donated to the new one.
     With a mesh (`hpllm.parallel.mesh.make_mesh`): the state stays in its sharded layout
     (`hpllm.train.state.state_shardings`), batch rows are split over the batch axes,
     activations follow the sharding rules, and XLA inserts the collectives.
     opt_memory_kind="pinned_host": the optimizer state lives in host memory (state from
-    `init_sharded_state(..., opt_memory_kind=...)`), copied in for the update and back."""
-    step = functools.partial(train_step, config=config)
+    `init_sharded_state(..., opt_memory_kind=...)`), copied in for the update and back.
+    cpu_kernels=False: XLA's dots only (the same-run baseline of bench/train_step.py)."""
+    step = functools.partial(train_step, config=config, cpu_kernels=cpu_kernels)
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
     rules = rules or sharding.RULES

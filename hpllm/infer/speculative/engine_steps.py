@@ -28,6 +28,7 @@ own adaptive gamma (+2 after a round where every draft was accepted, -1 after a 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import weakref
 
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hpllm.config import SPECULATIVE_PROPOSERS, ConfigError
-from hpllm.infer.sampling import pow2_bucket
+from hpllm.infer.sampling import SampleRow, pow2_bucket, row_arrays
 from hpllm.infer.speculative.accept import position_probs, row_keys, sample_with_uniform
 from hpllm.infer.speculative.control import AdaptiveGamma, SpeculativeStats, draft_cached_until
 from hpllm.infer.speculative.proposers import NgramDraft, check_draft_vocab, first_layers
@@ -56,6 +57,41 @@ def _draft_step(params, pool, tokens, positions, tables, a, index, config, dtype
     keys = jax.vmap(lambda k: jax.random.fold_in(k, index))(row_keys(a, 1))
     token = jax.vmap(sample_with_uniform)(q, jax.vmap(jax.random.uniform)(keys))
     return token, q, pool.with_tables(None)
+
+
+@dataclasses.dataclass
+class SpecRows:
+    """The decode rows of one step with their drafts, laid into the step's flat batch: row r
+    is [its last token, its n_proposed[r] drafts], and its `width` = 1 + G logits come back
+    as rows r * width .. (r + 1) * width - 1 of the pass (the rows' first logits)."""
+    drafts: np.ndarray  # (R, G) numpy
+    n_proposed: np.ndarray  # (R,)
+    q: jax.Array | None  # (R, G, V) the draft's distributions, None: one-hot (n-gram)
+    arrays: dict  # the rows' sampling arrays (row_arrays) on device
+    filters: bool
+
+    @property
+    def width(self) -> int:
+        return 1 + self.drafts.shape[1]
+
+    @property
+    def num_logits(self) -> int:
+        return self.drafts.shape[0] * self.width
+
+    def add_rows(self, builder, chunks) -> list[int]:
+        """Append each row's tokens to the flat batch; returns the logits index (padding
+        entries repeat a row's last token, padding rows token 0)."""
+        index = []
+        for r, c in enumerate(chunks):
+            n = int(self.n_proposed[r])
+            flat = builder.add(c.seq.table.blocks,
+                               [c.seq.tokens[c.start], *self.drafts[r, :n].tolist()], c.start)
+            index += [flat[min(j, n)] for j in range(self.width)]
+        return index + [0] * (self.num_logits - len(index))
+
+    def scores(self, logits):
+        """(R, 1 + G, V): every position's logits of every row."""
+        return logits[:self.num_logits].reshape(self.drafts.shape[0], self.width, -1)
 
 
 class Speculator:
@@ -120,6 +156,16 @@ class Speculator:
             self._proposals[seq] = proposal
             return len(proposal)
         return g
+
+    def propose_rows(self, chunks, tables) -> SpecRows:
+        """Drafts for this step's decode chunks (tables: their (pow2 rows, width) tables)."""
+        rows = [SampleRow(c.seq.request.params, c.seq.request.seed, c.seq.index,
+                          c.seq.num_generated, c.seq.request.prompt_ids, c.seq.output_ids)
+                for c in chunks]
+        arrays = {k: jnp.asarray(v) for k, v in row_arrays(rows, tables.shape[0]).items()}
+        filters = any(r.params.has_filters for r in rows)
+        drafts, n_proposed, q = self.propose(chunks, tables, arrays, filters)
+        return SpecRows(drafts, n_proposed, q, arrays, filters)
 
     def propose(self, chunks, tables, arrays, filters: bool):
         """Drafts for decode chunks (those with lookahead > 0 speculate). Returns numpy

@@ -1,25 +1,27 @@
-// CPU kernels for matmuls with quantized weights, as XLA FFI custom calls.
+// CPU matmuls with float32 or quantized weights, as XLA FFI custom calls, on gemm.h's core.
 //
-//   y (..., M, N) f32 = x (..., M, K) f32 @ W^T, W (..., N, K) stored quantized:
+//   y (..., M, N) f32 = x (..., M, K) f32 @ W^T, W (..., N, K):
+//   HpllmF32Matmul:  float32 W (N, K)
 //   HpllmInt8Matmul: int8 codes q (N, K), one f32 scale per row (N):   W = q * scale
 //   HpllmInt4Matmul: int4 codes packed two per byte (N, Kp / 2) as hpllm's pack_int4 packs
 //                    them (even k in the low nibble, codes stored + 8), one f32 scale per
 //                    group of `group_size` inputs (N, Kp / group_size); K <= Kp, padding
 //                    codes are never read.
+//   HpllmInt8MatmulVnni: HpllmInt8Matmul with x quantized to int8 per block (gemm.h's
+//                    prepare_x) and int8 x int8 dot products; only where VNNI is compiled in.
 //
 // Why: XLA:CPU converts a whole int8 matrix to a fresh f32 buffer before its dot, so a
-// quantized decode step moves more bytes than the f32 one. Here each weight row is read once
-// per call, converted in registers and multiplied against all M rows of x (M is small in
-// decode and verify), so the bytes read per step really shrink. The dot for int4 sums each
-// group in integer-code space and scales it once: sum_g s_g * sum_{k in g} x_k c_k.
+// quantized decode step moved more bytes than the f32 one. gemm.h reads each weight row once
+// per call, converts it in registers and multiplies it against all M rows of x (tiled), so the
+// bytes read per step really shrink; for many rows (prefill) it converts panels of rows once.
 //
 // Leading (batch) axes come from vmap (vmap_method="expand_dims"): each of x, W, scale has
 // the output's batch axes, of the same size or 1 (broadcast); a weight shared by the whole
 // batch folds the batch into M. Rows of W are split into chunks that the calling thread and
 // (num_threads - 1) tasks on XLA's intra-op thread pool claim with an atomic counter.
 //
-// AVX2 + FMA inner loops where the compiler targets them (-march=native), a scalar tail for
-// the K % 8 leftovers, and a plain scalar fallback when __AVX2__ is not defined.
+// HpllmMatmulBlock: a plain C entry to gemm.h's matmul_block (sub-ranges of rows, strides,
+// accumulate), for the tests through ctypes.
 
 #include <algorithm>
 #include <atomic>
@@ -32,193 +34,12 @@
 #include <string>
 #include <vector>
 
+#include "gemm.h"
 #include "xla/ffi/api/ffi.h"
-
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
 
 namespace ffi = xla::ffi;
 
 namespace {
-
-// ------------------------------------------------------------------------ dot products
-
-#ifdef __AVX2__
-inline float HorizontalSum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline __m256 Int8x8ToFloat(const int8_t* p) {  // 8 codes -> 8 floats
-  return _mm256_cvtepi32_ps(
-      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-
-inline __m256 LowInt8x8ToFloat(__m128i v) {  // the low 8 bytes of v as codes -> floats
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-}
-
-// Independent accumulators per x row: enough FMA chains in flight to hide the FMA latency
-// (4 cycles, 2 per cycle) while MR * A accumulators still fit the 16 ymm registers.
-template <int MR>
-constexpr int Chains() { return MR == 1 ? 4 : (MR == 2 ? 2 : 1); }
-#endif
-
-// out[m] = dot(x[m, :K], w[:K]) for the MR rows of x starting at x (row stride ldx).
-template <int MR>
-inline void DotInt8(const int8_t* w, const float* x, int64_t ldx, int64_t K, float* out) {
-  int64_t k = 0;
-  float sum[MR];
-#ifdef __AVX2__
-  constexpr int A = Chains<MR>();
-  __m256 acc[MR][A];
-  for (int m = 0; m < MR; ++m)
-    for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
-  for (; k + 32 <= K; k += 32) {
-    __m256 wv[4];
-    for (int j = 0; j < 4; ++j) wv[j] = Int8x8ToFloat(w + k + 8 * j);
-    for (int m = 0; m < MR; ++m)
-      for (int j = 0; j < 4; ++j)
-        acc[m][j % A] = _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(x + m * ldx + k + 8 * j),
-                                        acc[m][j % A]);
-  }
-  for (; k + 8 <= K; k += 8) {
-    __m256 wv = Int8x8ToFloat(w + k);
-    for (int m = 0; m < MR; ++m)
-      acc[m][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + k), acc[m][0]);
-  }
-  for (int m = 0; m < MR; ++m) {
-    __m256 s = acc[m][0];
-    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[m][a]);
-    sum[m] = HorizontalSum(s);
-  }
-#else
-  for (int m = 0; m < MR; ++m) sum[m] = 0.0f;
-#endif
-  for (; k < K; ++k)  // the K % 8 tail (all of K without AVX2)
-    for (int m = 0; m < MR; ++m) sum[m] += static_cast<float>(w[k]) * x[m * ldx + k];
-  for (int m = 0; m < MR; ++m) out[m] = sum[m];
-}
-
-inline int Int4Code(const uint8_t* packed, int64_t k) {
-  uint8_t byte = packed[k >> 1];
-  return static_cast<int>((k & 1) ? (byte >> 4) : (byte & 0x0F)) - 8;
-}
-
-// out[m] = sum_g scale[g] * dot(x[m, group g], codes[group g]) over k < K. kEvenOdd: x holds
-// each whole 32-code block (from k = 0) as its 16 even-k values, then its 16 odd-k values
-// (EvenOddBlocks), the order in which the low and high nibbles unpack; the rest of x as is.
-template <int MR, bool kEvenOdd>
-inline void DotInt4(const uint8_t* packed, const float* scale, int64_t group_size,
-                    const float* x, int64_t ldx, int64_t K, float* out) {
-  float tail[MR];
-  for (int m = 0; m < MR; ++m) tail[m] = 0.0f;
-#ifdef __AVX2__
-  constexpr int A = Chains<MR>();
-  const __m128i low_nibble = _mm_set1_epi8(0x0F);
-  const __m128i eight = _mm_set1_epi8(8);
-  __m256 total[MR];
-  for (int m = 0; m < MR; ++m) total[m] = _mm256_setzero_ps();
-#endif
-  for (int64_t k0 = 0, g = 0; k0 < K; k0 += group_size, ++g) {
-    const int64_t k1 = std::min(k0 + group_size, K);
-    int64_t k = k0;  // even: group sizes are even, so k / 2 is the byte of code k
-#ifdef __AVX2__
-    __m256 acc[MR][A];
-    for (int m = 0; m < MR; ++m)
-      for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
-    for (; k + 32 <= k1; k += 32) {  // 16 bytes -> 32 codes
-      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + k / 2));
-      __m128i lo = _mm_and_si128(b, low_nibble);  // codes k, k+2, ..., k+30
-      __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low_nibble);  // k+1, ..., k+31
-      __m128i c0, c1;
-      if constexpr (kEvenOdd) {  // x is in this order already: no byte interleave
-        c0 = _mm_sub_epi8(lo, eight);
-        c1 = _mm_sub_epi8(hi, eight);
-      } else {  // back to k order: codes k .. k+15, k+16 .. k+31
-        c0 = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), eight);
-        c1 = _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), eight);
-      }
-      __m256 wv[4] = {LowInt8x8ToFloat(c0), LowInt8x8ToFloat(_mm_srli_si128(c0, 8)),
-                      LowInt8x8ToFloat(c1), LowInt8x8ToFloat(_mm_srli_si128(c1, 8))};
-      for (int m = 0; m < MR; ++m)
-        for (int j = 0; j < 4; ++j)
-          acc[m][j % A] = _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(x + m * ldx + k + 8 * j),
-                                          acc[m][j % A]);
-    }
-    for (; k + 8 <= k1; k += 8) {  // 4 bytes -> 8 codes
-      int32_t four;
-      std::memcpy(&four, packed + k / 2, 4);
-      __m128i b = _mm_cvtsi32_si128(four);
-      __m128i lo = _mm_and_si128(b, low_nibble);
-      __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low_nibble);
-      __m256 wv = LowInt8x8ToFloat(_mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), eight));
-      for (int m = 0; m < MR; ++m)
-        acc[m][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + k), acc[m][0]);
-    }
-    const __m256 s = _mm256_set1_ps(scale[g]);
-    for (int m = 0; m < MR; ++m) {
-      __m256 a = acc[m][0];
-      for (int j = 1; j < A; ++j) a = _mm256_add_ps(a, acc[m][j]);
-      total[m] = _mm256_fmadd_ps(a, s, total[m]);
-    }
-#endif
-    if (k < k1) {  // the group's last group_size % 8 codes (all of them without AVX2)
-      float part[MR];
-      for (int m = 0; m < MR; ++m) part[m] = 0.0f;
-      for (; k < k1; ++k) {
-        const float c = static_cast<float>(Int4Code(packed, k));
-        for (int m = 0; m < MR; ++m) part[m] += c * x[m * ldx + k];
-      }
-      for (int m = 0; m < MR; ++m) tail[m] += part[m] * scale[g];
-    }
-  }
-  for (int m = 0; m < MR; ++m) {
-#ifdef __AVX2__
-    out[m] = HorizontalSum(total[m]) + tail[m];
-#else
-    out[m] = tail[m];
-#endif
-  }
-}
-
-#ifdef __AVX2__
-// x (rows, K) with each whole 32-value block reordered as DotInt4<..., true> reads it.
-std::vector<float> EvenOddBlocks(const float* x, int64_t rows, int64_t K) {
-  std::vector<float> out(x, x + rows * K);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t b = r * K; b + 32 <= (r + 1) * K; b += 32)
-      for (int j = 0; j < 16; ++j) {
-        out[b + j] = x[b + 2 * j];
-        out[b + 16 + j] = x[b + 2 * j + 1];
-      }
-  return out;
-}
-#endif
-
-// y[m, n] = dot(n, x[m]) for rows n0 <= n < n1 of the weight and all M rows of x, in blocks
-// of 8, 4, 2, 1 rows of x: the block (8 x K floats) stays in L1 while the weight rows pass,
-// read from memory by the first block and from L2 (a chunk is kChunkBytes) by the others.
-template <typename RowDot>
-inline void RowRange(const RowDot& dot, int64_t n0, int64_t n1, const float* x, int64_t M,
-                     int64_t K, float* y, int64_t N) {
-  float out[8];
-  auto block = [&](auto mr, int64_t m) {
-    constexpr int MR = decltype(mr)::value;
-    for (int64_t n = n0; n < n1; ++n) {
-      dot(mr, n, x + m * K, out);
-      for (int i = 0; i < MR; ++i) y[(m + i) * N + n] = out[i];
-    }
-  };
-  int64_t m = 0;
-  for (; m + 8 <= M; m += 8) block(std::integral_constant<int, 8>(), m);
-  if (m + 4 <= M) block(std::integral_constant<int, 4>(), m), m += 4;
-  if (m + 2 <= M) block(std::integral_constant<int, 2>(), m), m += 2;
-  if (m < M) block(std::integral_constant<int, 1>(), m);
-}
 
 // ----------------------------------------------------------------------------- threading
 
@@ -340,14 +161,16 @@ ffi::Error AddBatchArg(Batch& batch, const char* name, const Dims& dims, int tra
 }
 
 // Runs rows_fn(batch, n0, n1) over every batch index and all N weight rows, in chunks of
-// rows; row_bytes (weight bytes per row) and M size the chunks.
+// rows: ~kChunkBytes of weights for few rows of x, one converted panel (gemm.h) for many.
 template <typename RowsFn>
-void ForEachRowChunk(ffi::ThreadPool& pool, int64_t batches, int64_t N, int64_t M,
-                     int64_t row_bytes, const RowsFn& rows_fn) {
+void ForEachRowChunk(ffi::ThreadPool& pool, int64_t batches, int64_t N, int64_t M, int64_t K,
+                     int64_t row_bytes, bool panels, const RowsFn& rows_fn) {
   if (batches == 0 || N == 0 || M == 0) return;
   row_bytes = std::max<int64_t>(row_bytes, 1);
   const int64_t work = batches * N * row_bytes * ((M + 3) / 4);
-  const int64_t rows = std::max<int64_t>(1, kChunkBytes / row_bytes);
+  int64_t rows = std::max<int64_t>(8, kChunkBytes / row_bytes / 8 * 8);
+  if (panels && M > hpllm::gemm_detail::kDirectRows)  // whole strip pairs of 32 rows (gemm.h)
+    rows = std::max<int64_t>(32, hpllm::gemm_detail::PanelRows(K) / 32 * 32);
   const int64_t per_batch = (N + rows - 1) / rows;
   auto run_chunk = [&rows_fn, rows, per_batch, N](int64_t c) {
     const int64_t n0 = (c % per_batch) * rows;
@@ -398,35 +221,63 @@ ffi::ErrorOr<Problem> MakeProblem(ffi::Buffer<ffi::F32>& x, const WDims& w_dims,
   return p;
 }
 
-ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                          ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
-                          ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  auto problem = MakeProblem(x, q.dimensions(), scale.dimensions(), 1, y);
-  if (!problem) return problem.error();
-  Problem p = *problem;
-  if (q.dimensions().back() != p.K)
-    return ffi::Error::InvalidArgument("int8 weight " + ShapeString(q.dimensions()) +
-                                       " does not have x's " + std::to_string(p.K) + " inputs");
-  const float* xd = x.typed_data();
-  const int8_t* qd = q.typed_data();
-  const float* sd = scale.typed_data();
-  float* yd = y->typed_data();
+
+// Runs matmul_block per row chunk (and batch index) over the pool; `view_of(b)` is the weight
+// of batch index b. x and y are float32 (..., M, K) and (..., M, N).
+template <typename ViewOf>
+void RunMatmul(ffi::ThreadPool& pool, const Problem& p, const float* xd, float* yd,
+               int64_t row_bytes, const ViewOf& view_of, bool weight_shared) {
   int64_t M = p.M, batches = p.batch.size();
-  const bool fold = p.batch.Broadcast(1) && p.batch.Broadcast(2);  // one weight, batched x
+  const bool fold = weight_shared;  // one weight, batched x: the batch is more rows of x
   if (fold) M *= batches, batches = 1;
   const int64_t K = p.K, N = p.N;
   const Batch& batch = p.batch;
-  ForEachRowChunk(pool, batches, N, M, K, [&](int64_t b, int64_t n0, int64_t n1) {
+  ForEachRowChunk(pool, batches, N, M, K, row_bytes, true, [&](int64_t b, int64_t n0, int64_t n1) {
     const float* xb = fold ? xd : xd + batch.Offset(0, b);
-    const int8_t* w = qd + (fold ? 0 : batch.Offset(1, b));
-    const float* s = sd + (fold ? 0 : batch.Offset(2, b));
-    auto dot = [&](auto mr, int64_t n, const float* xm, float* out) {
-      constexpr int MR = decltype(mr)::value;
-      DotInt8<MR>(w + n * K, xm, K, K, out);
-      for (int i = 0; i < MR; ++i) out[i] *= s[n];
-    };
-    RowRange(dot, n0, n1, xb, M, K, yd + b * M * N, N);
+    hpllm::matmul_block(xb, M, K, view_of(fold ? -1 : b), n0, n1, yd + b * M * N, N, false);
   });
+}
+
+ffi::Error F32MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                         ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  auto problem = MakeProblem(x, w.dimensions(), w.dimensions(), 2, y);
+  if (!problem) return problem.error();
+  const Problem& p = *problem;
+  if (w.dimensions().back() != p.K)
+    return ffi::Error::InvalidArgument("weight " + ShapeString(w.dimensions()) +
+                                       " does not have x's " + std::to_string(p.K) + " inputs");
+  const float* wd = w.typed_data();
+  RunMatmul(pool, p, x.typed_data(), y->typed_data(), 4 * p.K, [&](int64_t b) {
+    return hpllm::WeightView{hpllm::WFormat::F32, wd + (b < 0 ? 0 : p.batch.Offset(1, b)),
+                             nullptr, p.N, p.K, 0};
+  }, p.batch.Broadcast(1));
+  return ffi::Error::Success();
+}
+
+// The problem of an int8 matmul: x (..., M, K), q (..., N, K), scale (..., N).
+ffi::ErrorOr<Problem> MakeInt8Problem(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::S8>& q,
+                                      ffi::Buffer<ffi::F32>& scale,
+                                      ffi::Result<ffi::Buffer<ffi::F32>>& y) {
+  auto problem = MakeProblem(x, q.dimensions(), scale.dimensions(), 1, y);
+  if (problem && q.dimensions().back() != problem->K)
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "int8 weight " + ShapeString(q.dimensions()) + " does not have x's " +
+        std::to_string(problem->K) + " inputs"));
+  return problem;
+}
+
+ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
+                          ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  auto problem = MakeInt8Problem(x, q, scale, y);
+  if (!problem) return problem.error();
+  const Problem& p = *problem;
+  const int8_t* qd = q.typed_data();
+  const float* sd = scale.typed_data();
+  RunMatmul(pool, p, x.typed_data(), y->typed_data(), p.K, [&](int64_t b) {
+    return hpllm::WeightView{hpllm::WFormat::INT8, qd + (b < 0 ? 0 : p.batch.Offset(1, b)),
+                             sd + (b < 0 ? 0 : p.batch.Offset(2, b)), p.N, p.K, 0};
+  }, p.batch.Broadcast(1) && p.batch.Broadcast(2));
   return ffi::Error::Success();
 }
 
@@ -435,65 +286,93 @@ ffi::Error Int4MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t group_size) {
   auto problem = MakeProblem(x, packed.dimensions(), scale.dimensions(), 2, y);
   if (!problem) return problem.error();
-  Problem p = *problem;
+  const Problem& p = *problem;
   const int64_t half = packed.dimensions().back(), groups = scale.dimensions().back();
-  if (group_size < 2 || group_size % 2 || groups * group_size != 2 * half || p.K > 2 * half)
+  if (group_size < 2 || group_size % 2 || groups * group_size != 2 * half || p.K > 2 * half ||
+      2 * half - group_size >= p.K)
     return ffi::Error::InvalidArgument(
         "int4 packed " + ShapeString(packed.dimensions()) + ", scales " +
         ShapeString(scale.dimensions()) + ", group size " + std::to_string(group_size) +
         " and K = " + std::to_string(p.K) + " do not fit: need Kp = 2 * bytes = groups * " +
-        "group size (even) >= K");
-  const float* xd = x.typed_data();
+        "group size (even), K padded to whole groups");
   const uint8_t* qd = packed.typed_data();
   const float* sd = scale.typed_data();
-  float* yd = y->typed_data();
+  RunMatmul(pool, p, x.typed_data(), y->typed_data(), half, [&](int64_t b) {
+    return hpllm::WeightView{hpllm::WFormat::INT4, qd + (b < 0 ? 0 : p.batch.Offset(1, b)),
+                             sd + (b < 0 ? 0 : p.batch.Offset(2, b)), p.N, p.K, group_size};
+  }, p.batch.Broadcast(1) && p.batch.Broadcast(2));
+  return ffi::Error::Success();
+}
+
+ffi::Error Int8MatmulVnniImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
+                              ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  auto problem = MakeInt8Problem(x, q, scale, y);
+  if (!problem) return problem.error();
+  const Problem& p = *problem;
+  // x is quantized once per call, on the calling thread (M x K: small beside the weights).
+  const int64_t rows = p.K > 0 ? static_cast<int64_t>(x.element_count()) / p.K : 0;
+  std::vector<uint8_t> px(hpllm::prepared_x_bytes(rows, p.K));
+  hpllm::prepare_x(x.typed_data(), rows, p.K, p.K, px.data());
+  const int64_t row_bytes = hpllm::gemm_detail::PreparedRowBytes(p.K);
   int64_t M = p.M, batches = p.batch.size();
   const bool fold = p.batch.Broadcast(1) && p.batch.Broadcast(2);
   if (fold) M *= batches, batches = 1;
-  const int64_t K = p.K, N = p.N;
-  const Batch& batch = p.batch;
-  // Groups of whole 32-code blocks: reorder x once per call instead of interleaving the
-  // nibbles of every weight row (~20 % faster int4 rows on AVX2).
-  std::vector<float> even_odd;
-#ifdef __AVX2__
-  if (group_size % 32 == 0 && K > 0) {
-    even_odd = EvenOddBlocks(xd, static_cast<int64_t>(x.element_count()) / K, K);
-    xd = even_odd.data();
-  }
-#endif
-  const bool reordered = !even_odd.empty();
-  ForEachRowChunk(pool, batches, N, M, half, [&](int64_t b, int64_t n0, int64_t n1) {
-    const float* xb = fold ? xd : xd + batch.Offset(0, b);
-    const uint8_t* w = qd + (fold ? 0 : batch.Offset(1, b));
-    const float* s = sd + (fold ? 0 : batch.Offset(2, b));
-    auto dot = [&](auto mr, int64_t n, const float* xm, float* out) {
-      constexpr int MR = decltype(mr)::value;
-      const uint8_t* row = w + n * half;
-      const float* row_scale = s + n * groups;
-      // 8 rows would need 8 group + 8 total accumulators: more than 16 ymm registers.
-      constexpr int R = MR == 8 ? 4 : MR;
-      for (int m = 0; m < MR; m += R) {
-        if (reordered)
-          DotInt4<R, true>(row, row_scale, group_size, xm + m * K, K, K, out + m);
-        else
-          DotInt4<R, false>(row, row_scale, group_size, xm + m * K, K, K, out + m);
-      }
-    };
-    RowRange(dot, n0, n1, xb, M, K, yd + b * M * N, N);
+  const int8_t* qd = q.typed_data();
+  const float* sd = scale.typed_data();
+  float* yd = y->typed_data();
+  const Problem& pr = p;
+  ForEachRowChunk(pool, batches, p.N, M, p.K, p.K, false,
+                  [&](int64_t b, int64_t n0, int64_t n1) {
+    const int64_t row0 = fold ? 0 : pr.batch.Offset(0, b) / std::max<int64_t>(pr.K, 1);
+    const uint8_t* xb = px.data() + row0 * row_bytes;
+    const hpllm::WeightView view{hpllm::WFormat::INT8, qd + (fold ? 0 : pr.batch.Offset(1, b)),
+                                 sd + (fold ? 0 : pr.batch.Offset(2, b)), pr.N, pr.K, 0};
+    hpllm::matmul_block_prepared(xb, M, view, n0, n1, yd + b * M * pr.N, pr.N, false);
   });
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmInt8Matmul, Int8MatmulImpl,
+extern "C" int HpllmHasVnni() { return hpllm::gemm_detail::kPreparedFast ? 1 : 0; }
+
+extern "C" void HpllmMatmulBlockPrepared(const float* x, int64_t M, int64_t ldx, const int8_t* w,
+                                         const float* scale, int64_t N, int64_t K, int64_t n0,
+                                         int64_t n1, float* y, int64_t ldy, int accumulate) {
+  std::vector<uint8_t> px(hpllm::prepared_x_bytes(M, K));
+  hpllm::prepare_x(x, M, K, ldx, px.data());
+  const hpllm::WeightView view{hpllm::WFormat::INT8, w, scale, N, K, 0};
+  hpllm::matmul_block_prepared(px.data(), M, view, n0, n1, y, ldy, accumulate != 0);
+}
+
+extern "C" void HpllmMatmulBlock(int fmt, const float* x, int64_t M, int64_t ldx, const void* w,
+                                 const float* scale, int64_t N, int64_t K, int64_t group_size,
+                                 int64_t n0, int64_t n1, float* y, int64_t ldy, int accumulate) {
+  const hpllm::WeightView view{static_cast<hpllm::WFormat>(fmt), w, scale, N, K, group_size};
+  hpllm::matmul_block(x, M, ldx, view, n0, n1, y, ldy, accumulate != 0);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmF32Matmul, F32MatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x (..., M, K)
-                                  .Arg<ffi::Buffer<ffi::S8>>()   // q (..., N, K)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale (..., N)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w (..., N, K)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y (..., M, N)
 );
+
+// Both int8 kernels (float and VNNI paths) take the same operands.
+static auto Int8Binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()   // x (..., M, K)
+      .Arg<ffi::Buffer<ffi::S8>>()    // q (..., N, K)
+      .Arg<ffi::Buffer<ffi::F32>>()   // scale (..., N)
+      .Ret<ffi::Buffer<ffi::F32>>();  // y (..., M, N)
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmInt8Matmul, Int8MatmulImpl, Int8Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmInt8MatmulVnni, Int8MatmulVnniImpl, Int8Binding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HpllmInt4Matmul, Int4MatmulImpl,
                               ffi::Ffi::Bind()

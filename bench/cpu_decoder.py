@@ -1,0 +1,130 @@
+"""Single-stream decode speed of the fused CPU decoder step (hpllm/kernels/cpu_decoder.py)
+against generate()'s XLA path, in interleaved rounds, per weight format.
+
+    python bench/cpu_decoder.py [--model smollm2-135m] [--tokens 128] [--rounds 2]
+                                [--formats float32,int8,int4] [--paths kernel,xla]
+
+Each (round, format, path) generates --tokens greedy tokens from the same prompt with the
+jitted steps generate() uses, once to compile and once timed. A token's time is the wall
+time of its decode step (token in, logits out, greedy pick read back); tok/s is 1 / the
+median. `cpu ms/step` is the process CPU time per step (all threads; spinning counts), which
+moves less than wall time on a shared machine. The 1-minute load average is printed beside
+every number. With HPLLM_DECODER_PROFILE=1 the kernel also reports where a step's wall time
+goes, per phase kind (cpu_decoder.profile()). At the end: whether both paths produced the
+same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import jax.numpy as jnp
+
+from hpllm.checkpoints.registry import load_model
+from hpllm.compress.quantize import quantize_params
+from hpllm.infer import generate as gen
+from hpllm.infer.sampling import pow2_bucket
+from hpllm.kernels import cpu_decoder
+from hpllm.model.kv_cache import DenseKVCache
+from hpllm.model.transformer import unstack_layers
+
+PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time,"
+
+
+def timed_decode(first_logits, step, prompt_len: int, n: int):
+    """(greedy ids, wall seconds per step, cpu seconds per step) of n tokens; step(token,
+    position) -> logits."""
+    token = jnp.argmax(first_logits, -1).astype(jnp.int32)
+    ids, wall, cpu = [int(token[0])], [], []
+    for position in range(prompt_len, prompt_len + n - 1):
+        t0, c0 = time.perf_counter(), time.process_time()
+        token = jnp.argmax(step(token, position), -1).astype(jnp.int32)
+        ids.append(int(token[0]))  # reads the token back: the step is finished
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return ids, wall, cpu
+
+
+def kernel_run(params, config, prompt: list[int], n: int):
+    weights = gen._prepared(params, config)
+    length = pow2_bucket(len(prompt) + n, 256, config.max_seq_len)
+    blocks = -(-length // gen.KERNEL_BLOCK_SIZE)
+    pool = cpu_decoder.create_pool(config, blocks + 1, gen.KERNEL_BLOCK_SIZE)
+    tables = jnp.arange(1, blocks + 1, dtype=jnp.int32)[None]
+    padded = pow2_bucket(len(prompt), 16, length)
+    tokens = jnp.asarray(prompt + [0] * (padded - len(prompt)), jnp.int32)
+    positions = jnp.where(jnp.arange(padded) < len(prompt), jnp.arange(padded), -1)
+    logits, pool = gen._kernel_step(weights, pool, tokens, positions.astype(jnp.int32),
+                                    tables, jnp.asarray([len(prompt) - 1], jnp.int32), config)
+    zero = jnp.zeros(1, jnp.int32)
+
+    def step(token, position):
+        nonlocal pool
+        out, pool = gen._kernel_step(weights, pool, token, jnp.full(1, position, jnp.int32),
+                                     tables, zero, config)
+        return out
+
+    return timed_decode(logits, step, len(prompt), n)
+
+
+def xla_run(params, config, prompt: list[int], n: int):
+    params = unstack_layers(params)
+    length = pow2_bucket(len(prompt) + n, 256, config.max_seq_len)
+    cache = DenseKVCache.create(config, 1, length, "float32")
+    padded = prompt + [0] * (pow2_bucket(len(prompt), 16, length) - len(prompt))
+    logits, cache = gen._prefill(params, jnp.asarray([padded], jnp.int32),
+                                 jnp.int32(len(prompt)), cache, config, jnp.float32)
+
+    def step(token, position):
+        nonlocal cache
+        out, cache = gen._decode(params, token, jnp.int32(position), cache, config,
+                                 jnp.float32)
+        return out
+
+    return timed_decode(logits, step, len(prompt), n)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--formats", default="float32,int8,int4")
+    ap.add_argument("--paths", default="kernel,xla")
+    args = ap.parse_args()
+    model = load_model(args.model, progress=False)
+    config, prompt = model.config, model.tokenizer.encode(PROMPT)
+    formats, paths = args.formats.split(","), args.paths.split(",")
+    params = {f: model.params if f == "float32" else quantize_params(model.params, f)
+              for f in formats}
+    ids = {}
+    for r in range(args.rounds):
+        for f in formats:
+            for path in paths:
+                run = kernel_run if path == "kernel" else xla_run
+                run(params[f], config, prompt, args.tokens)  # compile
+                cpu_decoder.profile(reset=True)
+                got, wall, cpu = run(params[f], config, prompt, args.tokens)
+                phases = cpu_decoder.profile(reset=True)
+                ids[f, path] = got
+                med = statistics.median(wall)
+                load = os.getloadavg()[0]
+                line = (f"round {r} {f:8s} {path:6s} {1 / med:6.1f} tok/s (median step "
+                        f"{med * 1e3:6.2f} ms, best {1 / min(wall):6.1f} tok/s)  cpu "
+                        f"{statistics.median(cpu) * 1e3:6.2f} ms/step  load {load:.2f}")
+                steps = phases.pop("steps", 0)
+                if steps:
+                    line += "  | ms/step: " + " ".join(f"{k} {v / steps * 1e3:.2f}"
+                                                       for k, v in phases.items())
+                print(line, flush=True)
+    for f in formats:
+        if (f, "kernel") in ids and (f, "xla") in ids:
+            print(f"{f}: kernel and XLA greedy tokens identical: "
+                  f"{ids[f, 'kernel'] == ids[f, 'xla']}")
+
+
+if __name__ == "__main__":
+    main()
