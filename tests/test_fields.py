@@ -65,7 +65,9 @@ def test_no_op_fields_change_nothing_and_are_named(srv, caplog):
     assert same.choices[0].message.content == plain.choices[0].message.content
     named = headers[fields.IGNORED_HEADER].split(", ")
     assert sorted(named) == sorted(NO_OPS) and fields.UNKNOWN_HEADER not in headers
-    logged = [r for r in caplog.records if r.name == "hpllm.serve"]
+    # (this module's server skips the warm-up, so compilations after ready are logged too)
+    logged = [r for r in caplog.records if r.name == "hpllm.serve"
+              and "after ready" not in r.getMessage()]
     assert len(logged) == 1 and logged[0].levelno == logging.INFO
     assert all(name in logged[0].getMessage() for name in NO_OPS)
 

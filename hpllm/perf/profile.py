@@ -104,11 +104,19 @@ def _dot_flops(ins: Instr, instrs: dict[str, Instr]) -> float:
 
 
 def _custom_gemm_flops(ins: Instr, instrs: dict[str, Instr]) -> float:
-    """cuBLAS-style custom calls carry dot dimension numbers in their backend config."""
-    out = math.prod(d for _, dims in shapes(ins.type_text)[:1] for d in dims)
+    """cuBLAS-style custom calls carry dot dimension numbers in their backend config;
+    hpllm's CPU matmul kernels (hpllm_*matmul*: x (..., K) or op(a) (M, K) against a weight,
+    out (..., N)) are sized from their shapes: K = x's elements / out's rows."""
+    out_shapes = shapes(ins.type_text)[:1]
+    out = math.prod(d for _, dims in out_shapes for d in dims)
     lhs = instrs.get(ins.operands[0]) if ins.operands else None
+    if lhs is None or not shapes(lhs.type_text):
+        return 0.0
     m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.attrs)
-    if lhs is None or not m or not shapes(lhs.type_text):
+    if not m and ins.custom_call_target.startswith("hpllm_") and out_shapes:
+        rows = math.prod(out_shapes[0][1][:-1])
+        return 2.0 * out * math.prod(shapes(lhs.type_text)[0][1]) / max(rows, 1)
+    if not m:
         return 0.0
     dims = shapes(lhs.type_text)[0][1]
     k = math.prod(dims[int(i.strip('" '))] for i in m.group(1).split(",") if i.strip('" '))
