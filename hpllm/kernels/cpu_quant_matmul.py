@@ -44,7 +44,7 @@ import numpy as np
 from hpllm.kernels import native
 
 SOURCE = native.CSRC / "quant_matmul.cc"
-HEADERS = (native.CSRC / "gemm.h",)
+HEADERS = (native.CSRC / "gemm.h", native.CSRC / "parallel_chunks.h")
 ENV_SWITCH = native.ENV_SWITCH
 # Quantize x per block and multiply int8 x int8 (VNNI) in int8_matmul; see prepared_supported.
 VNNI_SWITCH = "HPLLM_INT8_VNNI"

@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "parallel_chunks.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
@@ -112,45 +113,7 @@ class Buffer {
   void* data_ = nullptr;
 };
 
-// ------------------------------------------------------------------------------ threads
-// Tasks [0, n) claimed through an atomic counter by the caller and up to (threads - 1) pool
-// workers. The shared state is reference counted: a worker that starts after the call has
-// returned finds no task left and only drops its reference.
-
-struct Tasks {
-  std::function<void(int64_t)> run;
-  int64_t n = 0;
-  std::atomic<int64_t> next{0}, finished{0};
-  std::mutex mu;
-  std::condition_variable done;
-
-  void Drain() {
-    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
-      run(t);
-      if (finished.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
-        std::lock_guard<std::mutex> lock(mu);
-        done.notify_all();
-      }
-    }
-  }
-};
-
-void RunTasks(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> run) {
-  const int64_t workers = std::min<int64_t>(pool.num_threads() - 1, n - 1);
-  if (workers <= 0) {
-    for (int64_t t = 0; t < n; ++t) run(t);
-    return;
-  }
-  auto tasks = std::make_shared<Tasks>();
-  tasks->run = std::move(run);
-  tasks->n = n;
-  for (int64_t w = 0; w < workers; ++w) pool.Schedule([tasks] { tasks->Drain(); });
-  tasks->Drain();
-  // All tasks are claimed; wait for those still running on workers (a worker still queued
-  // claims none, so a busy pool cannot deadlock the call).
-  std::unique_lock<std::mutex> lock(tasks->mu);
-  tasks->done.wait(lock, [&] { return tasks->finished.load(std::memory_order_acquire) == n; });
-}
+// Threads: hpllm::ParallelChunks (parallel_chunks.h), as in quant_matmul.cc.
 
 // ------------------------------------------------------------------------------ packing
 
@@ -312,7 +275,7 @@ ffi::Error Matmul(ffi::ThreadPool& pool, const uint16_t* a, const uint16_t* b, O
   constexpr int64_t kAPanelsPerTask = kMC / kMR;
   const int64_t a_tasks = trans_a ? (a_panels + kAPanelsPerTask - 1) / kAPanelsPerTask
                           : pad_a ? (M + kMC - 1) / kMC : 0;
-  RunTasks(pool, panels + a_tasks, [&](int64_t t) {
+  hpllm::ParallelChunks(pool, panels + a_tasks, [&](int64_t t) {
     if (t < panels) {
       if (trans_b) PackColsPanel(b, K, N, t, kpairs, bp + t * kpairs * kNR);
       else PackRowsPanels<kNR>(b, K, N, t, t + 1, kpairs, bp);
@@ -330,7 +293,7 @@ ffi::Error Matmul(ffi::ThreadPool& pool, const uint16_t* a, const uint16_t* b, O
   // Task t: A rows of chunk t / panels against panel t % panels, so consecutive tasks share
   // their rows of A while the packed panels take turns. K in blocks of kKC pairs, the
   // chunk's C block accumulated in float32 in a task-local tile.
-  RunTasks(pool, chunks * panels, [&](int64_t t) {
+  hpllm::ParallelChunks(pool, chunks * panels, [&](int64_t t) {
     const int64_t p = t % panels, m0 = (t / panels) * kMC;
     const int64_t n0 = p * kNR, nn = std::min<int64_t>(kNR, N - n0);
     const int64_t rows = std::min(kMC, M - m0);

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "gemm.h"
+#include "parallel_chunks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -49,59 +50,6 @@ constexpr int64_t kChunkBytes = 64 << 10;  // weight bytes per claimed chunk (L2
 // second job on it (docs/perf/quantization.md): splitting from 96 KB made int8 decode
 // ~15 % faster than from 384 KB or 2 MB at load ~1.5, ~20 % slower than one thread at load 3+.
 constexpr int64_t kSerialWork = 96 << 10;
-constexpr int kSpinBeforeBlocking = 1024;  // ~20-60 us of pause before sleeping on the wait
-
-// Row chunks claimed by an atomic counter. Held by a shared_ptr: a pool task that starts
-// after the call returned finds nothing to claim and only drops its reference.
-struct Work {
-  std::function<void(int64_t)> run_chunk;  // touches the call's buffers: only while claimable
-  int64_t num_chunks = 0;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mu;
-  std::condition_variable all_done;
-
-  void ClaimAndRun() {
-    for (;;) {
-      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
-      if (c >= num_chunks) return;
-      run_chunk(c);
-      if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == num_chunks) {
-        std::lock_guard<std::mutex> lock(mu);
-        all_done.notify_all();
-      }
-    }
-  }
-};
-
-void ParallelChunks(ffi::ThreadPool& pool, int64_t num_chunks,
-                    std::function<void(int64_t)> run_chunk) {
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, num_chunks - 1);
-  if (helpers <= 0) {
-    for (int64_t c = 0; c < num_chunks; ++c) run_chunk(c);
-    return;
-  }
-  auto work = std::make_shared<Work>();
-  work->run_chunk = std::move(run_chunk);
-  work->num_chunks = num_chunks;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->ClaimAndRun(); });
-  work->ClaimAndRun();
-  // Every chunk is claimed now; wait only for those claimed by helpers and still running
-  // (a helper task still queued claims nothing, so a busy pool cannot deadlock this).
-  for (int spin = 0; work->done.load(std::memory_order_acquire) < num_chunks; ++spin) {
-    if (spin < kSpinBeforeBlocking) {
-#ifdef __AVX2__
-      _mm_pause();
-#endif
-      continue;
-    }
-    std::unique_lock<std::mutex> lock(work->mu);
-    work->all_done.wait(lock, [&] {
-      return work->done.load(std::memory_order_acquire) == num_chunks;
-    });
-    break;
-  }
-}
 
 // ------------------------------------------------------------------ shapes and dispatch
 
@@ -180,7 +128,7 @@ void ForEachRowChunk(ffi::ThreadPool& pool, int64_t batches, int64_t N, int64_t 
     for (int64_t c = 0; c < batches * per_batch; ++c) run_chunk(c);
     return;
   }
-  ParallelChunks(pool, batches * per_batch, run_chunk);
+  hpllm::ParallelChunks(pool, batches * per_batch, run_chunk);
 }
 
 // x (..., M, K), w (..., N, ...), scale (..., N[, G]), y (..., M, N): the batch layout, or
