@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hpllm.config import ConfigError, EngineConfig, ModelConfig
+from hpllm.infer.generate import kernel_unsupported
 from hpllm.infer.ragged import FlatBatch, ragged_head, ragged_stack
 from hpllm.infer.sampling import pow2_bucket
 from hpllm.infer.scheduler import Chunk
@@ -60,17 +61,10 @@ def choose_backend(engine: EngineConfig, params, config: ModelConfig) -> str:
     this model). Self-speculation drafts through the target's XLA pool: always "xla"."""
     if engine.step_backend == "xla":
         return "xla"
-    reason = None
-    if jax.default_backend() != "cpu":
-        reason = f"the fused decoder step is CPU only (backend {jax.default_backend()})"
-    elif engine.dtype != "float32":
-        reason = f"the fused decoder step computes in float32, not {engine.dtype}"
-    elif engine.speculative == "self":
+    if engine.speculative == "self":
         reason = "self-speculation drafts through the XLA pool"
-    elif not cpu_decoder.available():
-        reason = "the fused decoder step is not available (HPLLM_CPU_KERNELS=0 or no build)"
-    else:
-        reason = cpu_decoder.unsupported(config, params, engine.kv_dtype)
+    else:  # generate()'s rule: CPU, float32 compute, the kernel built and the model supported
+        reason = kernel_unsupported(params, config, DTYPES[engine.dtype], engine.kv_dtype)
     if reason is None:
         return "kernel"
     if engine.step_backend == "kernel":
