@@ -6,9 +6,11 @@ SmolLM2-135M's matrix shapes, next to the roofline.
 For each shape (K inputs -> N outputs; the tied LM head is 576 -> 49152) and M rows of x:
   f32 XLA       x @ W with W float32 (K, N): what a float32 model runs, the reference
   f32 kernel    gemm.h on the float32 (N, K) matrix
-  int8 kernel   gemm.h on int8 codes (per-row scale), converted to float in registers
+  int8 kernel   gemm.h on int8 codes (per-row scale): converted to float in registers for
+                few rows; from 6 rows x at 15 bits per row, int8 x int16 products (vpdpwssd)
   int8 VNNI     x quantized per 64 k, int8 x int8 products (where the CPU has VNNI)
-  int4 kernel   gemm.h on int4 codes in groups of 64
+  int4 kernel   gemm.h on int4 codes in groups of 64: up to 47 rows x at 8 bits per 8 k,
+                int4 x int8 products (vpdpbusd); for more, codes converted to float panels
   int8 XLA      hpllm's XLA path for int8 weights: (x @ q.astype(f32)) * scale
 Each timed call runs R matmuls on R different weight copies (R such that they hold
 --working-set-mib, beyond this CPU's 32 MiB L3): weights come from memory, as in a decode step.
@@ -59,7 +61,7 @@ def methods(k: int):
                       quantized("int8"), "vnni"),
         "int4 kernel": (lambda x, w: kernel.int4_matmul(x, w.q, w.scale, k, GROUP),
                         quantized("int4"), "int4"),
-        "int8 XLA": (qt._xla_matmul_nk, quantized("int8"), "int8"),
+        "int8 XLA": (qt._xla_matmul_nk, quantized("int8"), "int8 xla"),
     }
     if not kernel.prepared_supported():
         del table["int8 VNNI"]
@@ -69,7 +71,7 @@ def methods(k: int):
 def weight_bytes(fmt: str, k: int, n: int) -> int:
     if fmt == "f32":
         return 4 * n * k
-    if fmt in ("int8", "vnni"):
+    if fmt in ("int8", "vnni", "int8 xla"):
         return n * k + 4 * n
     kp = -(-k // GROUP) * GROUP
     return n * kp // 2 + 4 * n * kp // GROUP
@@ -77,9 +79,14 @@ def weight_bytes(fmt: str, k: int, n: int) -> int:
 
 def roofline_s(chip, fmt: str, k: int, n: int, m: int) -> float:
     """All bytes moved (weights, x read, y written) over the read bandwidth, or the FLOPs over
-    the peak of the arithmetic the method runs (int8 only for VNNI), whichever binds."""
+    the peak of the arithmetic the method runs (int8 for VNNI and int4 x int8, half of it for
+    int8 x int16), whichever binds."""
     moved = weight_bytes(fmt, k, n) + 4 * m * k + 4 * m * n
-    peak = chip.peak_flops["int8" if fmt == "vnni" else "float32"]
+    peak = chip.peak_flops["float32"]
+    if fmt == "vnni" or (fmt == "int4" and m <= kernel.int4_x8_max_rows(GROUP)):
+        peak = chip.peak_flops["int8"]
+    elif fmt == "int8" and 0 < kernel.int8_x16_min_rows() <= m:
+        peak = chip.peak_flops["int8"] / 2
     return max(moved / chip.hbm_bandwidth, 2 * m * n * k / peak)
 
 

@@ -1,10 +1,11 @@
 """Training-step throughput: measured vs the compute roofline, for several model sizes.
 
     python bench/train_step.py [--sizes tiny,shakespeare,small] [--steps 5] [--rounds 3]
-                               [--kernels on,off] [--json out.json]
+                               [--kernels on,matmul,off] [--json out.json]
 
-For each size, compute dtype and (bf16 on CPU) with and without the bf16 matmul kernel
-(hpllm/kernels/cpu_matmul.py) it times the jitted train step (random tokens, the real step
+For each size, compute dtype and (bf16 on CPU) with all CPU kernels (on: the bf16 matmul of
+hpllm/kernels/cpu_matmul.py and the attention of cpu_attention.py), the matmul alone, or none
+(off) it times the jitted train step (random tokens, the real step
 function), the variants interleaved in rounds so a busy machine slows them alike, and prints
 tokens/s, TFLOP/s per device, MFU against this machine's peak (measured matmul FLOP/s on
 CPU, datasheet on accelerators), the predicted step time FLOPs/peak, the ratio
@@ -32,7 +33,11 @@ from hpllm.train.state import init_state
 from hpllm.train.step import jit_train_step
 
 
-def prepare(config, kernels: bool):
+# --kernels names -> jit_train_step's cpu_kernels
+KERNEL_MODES = {"on": True, "matmul": ("matmul",), "off": False}
+
+
+def prepare(config, kernels):
     """A compiled step with its state and batch; compile seconds."""
     state = jax.jit(init_state, static_argnums=0)(config, jax.random.key(0))
     step_fn = jit_train_step(config, cpu_kernels=kernels)
@@ -59,7 +64,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="steps per variant per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--kernels", default="on,off",
-                        help="bf16 steps with (on) and without (off) the CPU matmul kernel")
+                        help="bf16 steps with all CPU kernels (on), the matmul kernel only "
+                             "(matmul), none (off)")
     parser.add_argument("--batch_size", type=int, default=0, help="0: each preset's own")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
@@ -76,15 +82,15 @@ def main(argv=None):
     for size in args.sizes.split(","):
         variants = []
         for dtype in args.dtypes.split(","):
-            kernel_modes = [False]
+            kernel_modes = ["off"]
             if dtype == "bfloat16" and on_cpu:
-                kernel_modes = [k == "on" for k in args.kernels.split(",")]
+                kernel_modes = args.kernels.split(",")
             for kernels in kernel_modes:
                 overrides = [f"--compute_dtype={dtype}"]
                 if args.batch_size:
                     overrides.append(f"--batch_size={args.batch_size}")
                 config = make_config(size, overrides)
-                variants.append((dtype, kernels, config, prepare(config, kernels)))
+                variants.append((dtype, kernels, config, prepare(config, KERNEL_MODES[kernels])))
         loads = []
         for _ in range(args.rounds):
             for *_, run in variants:
@@ -97,7 +103,7 @@ def main(argv=None):
             peak = chip.peak(dtype)
             step_s = float(np.median(run["times"]))
             baseline = baseline or step_s
-            name = dtype + ("+kernel" if kernels else "")
+            name = dtype + ("" if kernels == "off" else f"+{kernels}")
             row = {"preset": size, "params": count_params(config.model), "dtype": dtype,
                    "cpu_kernels": kernels, "batch_size": config.train.batch_size,
                    "seq_len": config.train.seq_len,

@@ -55,7 +55,11 @@ def cmd_hw(args, extra) -> int:
         out = {"chip": chip.name, "peak_flops": chip.peak_flops,
                "read_bandwidth": chip.hbm_bandwidth, "source": chip.source}
     else:
-        out = hardware.cpu_figures(refresh=args.refresh or args.force, force=args.force)
+        # --decoder --force: only the decoder's figures again (the rest from the cache)
+        again = args.refresh or (args.force and not args.decoder)
+        out = hardware.cpu_figures(refresh=again, force=args.force)
+        if args.decoder:  # measured on its own: only when asked, or a prediction needs it
+            out["decoder"] = hardware.decoder_figures(refresh=True, force=args.force)
         load = out["load_average"]
         print(f"CPU ({hardware.cpu_name()}), {out['cores']} cores: "
               f"measured {out['measured_at']} at load {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}"
@@ -80,6 +84,18 @@ def cmd_hw(args, extra) -> int:
             if rates:
                 print(f"  {kind} dot chain at rows " + ", ".join(
                     f"{m}: {r / 1e9:.0f}" for m, r in rates.items()) + " GFLOP/s")
+        dec = out.get("decoder") or {}
+        if dec:  # the fused decoder kernel: what generate() and the engine run on CPU
+            stale = not hardware.decoder_fresh(dec)
+            print("  decoder kernel: weights " + ", ".join(
+                f"{f} {r / 1e9:.1f} GB/s" for f, r in dec["stream_bandwidth"].items())
+                + "; per layer " + ", ".join(f"{m}: {s * 1e6:.1f}" for m, s in
+                                             dec["layer_s"].items())
+                + " us, per call " + ", ".join(f"{m}: {s * 1e6:.0f}" for m, s in
+                                               dec["call_s"].items())
+                + f" us (tokens: value), at load {dec['load_average'][0]:.2f}"
+                + ("; stale: measured on other kernel sources (`hpllm hw --decoder`)"
+                   if stale else ""))
         out["peak_flops"] = {d: out[d] for d in hardware.MATMUL_DTYPES}
     if args.json:
         with open(args.json, "w") as f:
@@ -119,7 +135,7 @@ def cmd_roofline(args, extra) -> int:
     reports = []
     for workload in workloads:
         report = compare(config, workload, chip, mesh, measure=args.measure,
-                         repeats=args.repeats, quant=args.quant)
+                         repeats=args.repeats, quant=args.quant, backend=args.backend)
         print(report["text"] + "\n")
         reports.append(report)
     if args.json:
@@ -545,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
                            help="measure again (do it on an idle machine) instead of the cache")
             p.add_argument("--force", action="store_true",
                            help="measure again and cache it even on a busy machine")
+            p.add_argument("--decoder", action="store_true",
+                           help="measure only the fused decoder kernel's figures again "
+                                "(after the kernel changed)")
             p.add_argument("--json", default="", help="write the figures (bytes/s, FLOP/s, "
                                                       "load average) here")
         p.set_defaults(fn=fn)
@@ -564,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chip", default="", help="a table chip (tpu-v4, h100, ...) instead of "
                                               "this machine")
     p.add_argument("--measure", action="store_true", help="also run it and compare")
+    p.add_argument("--backend", choices=("auto", "kernel", "xla"), default="auto",
+                   help="decode/engine: the fused CPU decoder kernel or XLA's program "
+                        "(auto: what generate() and the engine choose)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default="", help="write the prediction (and measurement) here")
     p.add_argument("--plot", default="", help="write a roofline chart PNG here")

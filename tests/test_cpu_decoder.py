@@ -15,6 +15,7 @@ from hpllm.compress.quantize import quantize_params
 from hpllm.config import ModelConfig
 from hpllm.infer.generate import generate
 from hpllm.kernels import cpu_decoder
+from hpllm.kernels import cpu_quant_matmul as cq
 from hpllm.model.transformer import forward
 from hpllm.quantized import dequantize, is_quantized
 
@@ -51,10 +52,36 @@ def float64(params) -> dict:
                                              np.float64), params, is_leaf=is_quantized)
 
 
-def reference_logits(p: dict, config: ModelConfig, tokens: list[int]) -> np.ndarray:
+def int8_roundtrip(x: np.ndarray) -> np.ndarray:
+    """Keys or values (..., head_dim) through int8 codes with one absmax / 127 scale per
+    token per head (round half to even), back to float64."""
+    scale = np.abs(x).max(-1, keepdims=True) / 127
+    scale = np.where(scale > 0, scale, 1.0)
+    return np.clip(np.round(x / scale), -127, 127) * scale
+
+
+def int4_x(x):
+    """The x that gemm.h's int4 path multiplies at few rows (cq.int4_x8_max_rows): each row in
+    blocks of 8 k, d = max|x| / 127 and codes rint(x * (127 / max|x|)) in float32."""
+    x32 = np.asarray(x, np.float32)
+    k = x32.shape[-1]
+    blocks = np.pad(x32, [(0, 0)] * (x32.ndim - 1) + [(0, -k % 8)])
+    blocks = blocks.reshape(*x32.shape[:-1], -1, 8)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    codes = np.clip(np.rint(blocks * inv), -127, 127)
+    d = (amax / np.float32(127)).astype(np.float32).astype(np.float64)
+    return (codes * d).reshape(*x32.shape[:-1], -1)[..., :k]
+
+
+def reference_logits(p: dict, config: ModelConfig, tokens: list[int],
+                     kv_int8: bool = False, matmul_x=lambda x: x) -> np.ndarray:
     """Float64 Llama (rotate-half RoPE, GQA, optional window): logits (S, V) of one sequence
-    at positions 0..S-1, written from the published conventions."""
+    at positions 0..S-1, written from the published conventions; kv_int8: keys and values
+    stored as int8 codes (int8_roundtrip); matmul_x: what each weight matmul's input becomes
+    first (int4_x: the int4 kernel's rounding of x)."""
     c = config
+    mx = matmul_x
     H, K, Dh = c.n_heads, c.n_kv_heads, c.head_dim
     rms = lambda x, w: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + c.norm_eps) * w
     x = p["embed"][np.asarray(tokens)]
@@ -72,21 +99,23 @@ def reference_logits(p: dict, config: ModelConfig, tokens: list[int]) -> np.ndar
     visible = (j <= i) & ((j > i - c.attention_window) if c.attention_window else True)
     for layer in range(c.n_layers):
         w = {k: v[layer] for k, v in p["layers"].items()}
-        h = rms(x, w["attn_norm"])
+        h = mx(rms(x, w["attn_norm"]))
         q = rope(np.einsum("sd,dhk->shk", h, w["wq"]))
         k = rope(np.einsum("sd,dhk->shk", h, w["wk"]))
         v = np.einsum("sd,dhk->shk", h, w["wv"])
+        if kv_int8:
+            k, v = int8_roundtrip(k), int8_roundtrip(v)
         out = np.empty_like(q)
         for head in range(H):
             g = head // (H // K)
             scores = np.where(visible, q[:, head] @ k[:, g].T / np.sqrt(Dh), -np.inf)
             e = np.exp(scores - scores.max(1, keepdims=True))
             out[:, head] = (e / e.sum(1, keepdims=True)) @ v[:, g]
-        x = x + np.einsum("shk,hkd->sd", out, w["wo"])
-        h = rms(x, w["mlp_norm"])
+        x = x + np.einsum("shk,hkd->sd", mx(out.reshape(s, -1)).reshape(out.shape), w["wo"])
+        h = mx(rms(x, w["mlp_norm"]))
         gate, up = h @ w["w_gate"], h @ w["w_up"]
-        x = x + (gate / (1 + np.exp(-gate)) * up) @ w["w_down"]
-    x = rms(x, p["final_norm"])
+        x = x + mx(gate / (1 + np.exp(-gate)) * up) @ w["w_down"]
+    x = mx(rms(x, p["final_norm"]))
     return x @ (p["embed"].T if c.tie_embeddings else p["unembed"])
 
 
@@ -104,10 +133,10 @@ def jitted_step(weights, pool, *args, config, portable):
     return cpu_decoder.step(weights, pool, *args, config=config, portable=portable)
 
 
-def run_steps(weights, config, streams, *, portable=False):
+def run_steps(weights, config, streams, *, portable=False, kv_dtype="float32"):
     """Runs STEPS through cpu_decoder.step (jitted, pool donated); yields per step the
     (sequence, position) of each valid token and its logits."""
-    pool = cpu_decoder.create_pool(config, 12, BLOCK)
+    pool = cpu_decoder.create_pool(config, 12, BLOCK, kv_dtype)
     run = functools.partial(jitted_step, config=config, portable=portable)
     done = [0, 0, 0]
     for chunks, padding in STEPS:
@@ -133,13 +162,22 @@ def streams_for(config, seed=1):
     return [list(rng.integers(0, config.vocab_size, 20)) for _ in range(3)]
 
 
-def check_against_reference(params, config, *, portable=False, atol=2e-4):
+def check_against_reference(params, config, *, portable=False, atol=2e-4, kv_dtype="float32",
+                            int4_group=0):
+    """int4_group: the params are int4 in groups of that many k; where gemm.h takes its int4
+    x int8 path (every step here has <= 12 rows) the reference rounds x as it does."""
+    matmul_x = lambda x: x
+    if int4_group:
+        max_rows = cq.int4_x8_max_rows(int4_group, "portable" if portable else "native")
+        assert max_rows == 0 or max_rows >= max(sum(n for _, n in c) + pad for c, pad in STEPS)
+        matmul_x = int4_x if max_rows else matmul_x
     streams = streams_for(config)
     ref64 = float64(params)
-    refs = [reference_logits(ref64, config, s) for s in streams]
+    refs = [reference_logits(ref64, config, s, kv_dtype == "int8", matmul_x) for s in streams]
     weights = cpu_decoder.prepare(params, config)
     checked = 0
-    for where, logits in run_steps(weights, config, streams, portable=portable):
+    for where, logits in run_steps(weights, config, streams, portable=portable,
+                                   kv_dtype=kv_dtype):
         expected = np.stack([refs[s][p] for s, p in where])
         scale = np.abs(expected).max()
         np.testing.assert_allclose(logits, expected, atol=atol * scale, rtol=0)
@@ -153,7 +191,20 @@ def test_ragged_steps_match_float64_llama(scheme):
     if scheme != "float32":
         params = quantize_params(params, scheme, group_size=16)
     assert cpu_decoder.unsupported(CONFIG, params) is None
-    check_against_reference(params, CONFIG)
+    check_against_reference(params, CONFIG, int4_group=16 if scheme == "int4" else 0)
+
+
+def test_int8_kv_pool_matches_float64_llama_with_int8_keys_and_values():
+    """An int8 pool (codes + per-token-per-head scales): the float64 reference quantizes its
+    keys and values the same way; the unquantized reference is measurably farther."""
+    params = random_params(CONFIG, seed=10)
+    assert cpu_decoder.unsupported(CONFIG, params, kv_dtype="int8") is None
+    check_against_reference(params, CONFIG, kv_dtype="int8")
+    streams = streams_for(CONFIG)
+    plain = [reference_logits(float64(params), CONFIG, s) for s in streams]
+    quant = [reference_logits(float64(params), CONFIG, s, True) for s in streams]
+    gap = max(np.abs(a - b).max() / np.abs(a).max() for a, b in zip(plain, quant))
+    assert gap > 1e-3  # int8 keys/values change the logits by more than the tolerance
 
 
 WINDOWED = dataclasses.replace(CONFIG, dim=32, n_heads=2, n_kv_heads=1, attention_window=5,
@@ -164,11 +215,39 @@ def test_window_untied_head_and_head_dim_16():
     check_against_reference(random_params(WINDOWED, seed=3), WINDOWED)
 
 
+LONG = dataclasses.replace(CONFIG, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=24,
+                           max_seq_len=256)
+
+
+def test_long_context_attention_tiles_and_head_dim_32():
+    """A 150-token prefill chunk, then decode tokens at positions 150 and 151: attention over
+    several 64-position tiles (online-softmax rescaling), as a phase of its own both with
+    the norms split by tokens (prefill) and not (decode); head_dim 32 takes the vector
+    attention path that head_dim 8 (CONFIG) does not."""
+    params = random_params(LONG, seed=8)
+    stream = list(np.random.default_rng(9).integers(0, LONG.vocab_size, 152))
+    ref = reference_logits(float64(params), LONG, stream)
+    weights = cpu_decoder.prepare(params, LONG)
+    block = 16
+    pool = cpu_decoder.create_pool(LONG, 12, block)
+    table = np.array([[5, 2, 9, 1, 3, 11, 4, 7, 6, 10, 8, 0]], np.int32)  # any order
+    run = functools.partial(jitted_step, config=LONG, portable=False)
+    steps = [(0, 150), (150, 151), (151, 152)]
+    for lo, hi in steps:
+        n = hi - lo
+        logits, pool = run(weights, pool, np.asarray(stream[lo:hi], np.int32),
+                           np.arange(lo, hi, dtype=np.int32), np.zeros(n, np.int32), table,
+                           np.array([n - 1], np.int32))
+        expected = ref[hi - 1:hi]
+        np.testing.assert_allclose(np.asarray(logits), expected,
+                                   atol=2e-4 * np.abs(expected).max(), rtol=0)
+
+
 @pytest.mark.slow  # a second g++ build of the kernel (~10-20 s); decoder.cc itself has no
 # ISA-specific code; gemm.h's scalar paths are tested in tests/test_cpu_quant_matmul.py
 def test_portable_build():
     params = quantize_params(random_params(WINDOWED, seed=4), "int4", group_size=8)
-    check_against_reference(params, WINDOWED, portable=True)
+    check_against_reference(params, WINDOWED, portable=True, int4_group=8)
 
 
 def test_agrees_with_the_xla_forward():
@@ -197,7 +276,7 @@ def test_unsupported_says_why():
         dataclasses.replace(CONFIG, pos_embedding="learned"), params)
     assert "experts" in cpu_decoder.unsupported(dataclasses.replace(CONFIG, n_experts=4),
                                                 params)
-    assert "int8" in cpu_decoder.unsupported(CONFIG, params, kv_dtype="int8")
+    assert "bfloat16" in cpu_decoder.unsupported(CONFIG, params, kv_dtype="bfloat16")
     assert "llm.int8" in cpu_decoder.unsupported(CONFIG, quantize_params(params, "llm.int8"))
     biased = {**params, "layers": {**params["layers"], "bq": params["layers"]["attn_norm"]}}
     assert "bq" in cpu_decoder.unsupported(CONFIG, biased)
@@ -232,14 +311,18 @@ def test_smollm2_greedy_identical_to_the_xla_path(scheme):
     assert len(kernel) == 128 and kernel == xla
 
 
-def test_copy_blocks_copies_every_layer_and_nothing_else():
-    pool = cpu_decoder.create_pool(CONFIG, 6, BLOCK)
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_copy_blocks_copies_every_layer_and_nothing_else(kv_dtype):
+    pool = cpu_decoder.create_pool(CONFIG, 6, BLOCK, kv_dtype)
     rng = np.random.default_rng(2)
-    k = rng.standard_normal(pool.k.shape).astype(np.float32)
-    v = rng.standard_normal(pool.v.shape).astype(np.float32)
-    out = cpu_decoder.copy_blocks(cpu_decoder.KVPool(jnp.asarray(k), jnp.asarray(v)),
-                                  [4, 1], [2, 5])
-    want_k, want_v = k.copy(), v.copy()
-    want_k[:, [2, 5]], want_v[:, [2, 5]] = k[:, [4, 1]], v[:, [4, 1]]
-    np.testing.assert_array_equal(np.asarray(out.k), want_k)
-    np.testing.assert_array_equal(np.asarray(out.v), want_v)
+    arrays = [rng.standard_normal(a.shape).astype(np.float32) * (50 if a.ndim == 5 else 1)
+              for a in (pool.k, pool.v, pool.k_scale, pool.v_scale) if a is not None]
+    arrays = [a.astype(pool.k.dtype) if a.ndim == 5 else a for a in arrays]
+    out = cpu_decoder.copy_blocks(cpu_decoder.KVPool(*map(jnp.asarray, arrays)), [4, 1],
+                                  [2, 5])
+    got = [a for a in (out.k, out.v, out.k_scale, out.v_scale) if a is not None]
+    assert len(got) == (4 if kv_dtype == "int8" else 2)
+    for a, b in zip(arrays, got):
+        want = a.copy()
+        want[:, [2, 5]] = a[:, [4, 1]]
+        np.testing.assert_array_equal(np.asarray(b), want)

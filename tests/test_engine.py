@@ -188,9 +188,8 @@ def test_warmup_compiles_every_step_shape_and_changes_nothing(params):
     assert engine.buckets() == [(t, r) for t in (8, 16, 32) for r in (1, 2, 4, 8)]
     pool = [np.asarray(a[1:]) for a in engine.model.pool.k]
     calls = []
-    variants = [dict(temperature=0.0), dict(temperature=1.0, top_p=0.9)]  # of SAMPLER_WARMUP
-    total = 12 + 2 * 4 + 2  # passes, sampler variants x row buckets, copy sizes 4 and 8
-    assert engine.warmup(lambda done, n: calls.append((done, n)), variants) == total
+    total = 12 + 4 + 2  # passes, the sampler per row bucket, copy sizes 4 and 8
+    assert engine.warmup(lambda done, n: calls.append((done, n))) == total
     assert calls == [(i + 1, total) for i in range(total)]
     assert all((np.asarray(a[1:]) == b).all() for a, b in zip(engine.model.pool.k, pool))
     assert engine.blocks.num_free == engine.blocks.num_usable and not engine.has_unfinished()
@@ -199,8 +198,9 @@ def test_warmup_compiles_every_step_shape_and_changes_nothing(params):
         lambda event, _, **kw: compiles.append(event) if "backend_compile" in event else None)
     shared = _prompts(16, 1)[0] * 2  # n > 1 forks copy its last partial block
     _run(engine, _prompts(15, 5) + [shared],
-         [SamplingParams(temperature=t, max_tokens=m, top_p=p) for t, m, p in
-          zip([0, 1.0, 0, 0.7, 0], [3, 9, 1, 12, 6], [1, 0.9, 1, 0.8, 1])]
+         [SamplingParams(temperature=t, max_tokens=m, top_p=p, top_k=k, logprobs=lp)
+          for t, m, p, k, lp in zip([0, 1.0, 0, 0.7, 0], [3, 9, 1, 12, 6], [1, 0.9, 1, 0.8, 1],
+                                    [0, 0, 0, 5, 0], [None, 2, 0, None, 8])]
          + [SamplingParams(n=3, temperature=0.8, top_p=0.9, max_tokens=7, seed=1)])
     assert compiles == []
 

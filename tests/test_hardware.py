@@ -11,7 +11,8 @@ import sys
 import jax
 import pytest
 
-from hpllm.kernels import cpu_quant_matmul
+from hpllm.config import ModelConfig
+from hpllm.kernels import cpu_decoder, cpu_quant_matmul
 from hpllm.perf import hardware
 from known_hardware import write_known_figures
 
@@ -155,6 +156,72 @@ def test_one_row_dot_table_and_paged_attention_rate():
     assert 1e6 < hardware.measure_decode_attention(keys=64, layers=2, repeats=2) < 1e13
 
 
+def test_decoder_kernel_figures_are_timed_on_the_kernel():
+    """measure_decoder times the fused decoder kernel itself: per format the bytes/s of its
+    weights and FLOP/s by tokens, attention FLOP/s and fixed costs by tokens; the bytes it
+    counts are those of the matrices prepare() lays out (odd sizes, untied-free: tied head)."""
+    config = ModelConfig(vocab_size=101, dim=96, n_layers=3, n_heads=3, n_kv_heads=1,
+                         ffn_dim=160, max_seq_len=64)
+    for fmt in hardware.DECODER_FORMATS:
+        weights = cpu_decoder.prepare(hardware._probe_params(config, fmt), config)
+        matrices = [weights.wqkv, weights.wo, weights.wgu, weights.wdown, weights.head]
+        scales = [weights.wqkv_scale, weights.wo_scale, weights.wgu_scale,
+                  weights.wdown_scale, weights.head_scale]
+        nbytes = sum(a.nbytes for a in matrices) + (fmt == "int8") * sum(a.nbytes
+                                                                        for a in scales)
+        assert hardware.decoder_weight_bytes(config, fmt) == (
+            nbytes, sum(a.size for a in matrices))
+    figures = hardware.measure_decoder(rows=(1, 4), stream_bytes=2**20, repeats=2)
+    if not cpu_decoder.available():
+        assert figures == {}
+        return
+    assert figures["source"] == hardware.decoder_source_id()
+    for fmt in hardware.DECODER_FORMATS:
+        assert 1e8 < figures["stream_bandwidth"][fmt] < 1e13
+        assert set(figures["matmul_flops"][fmt]) == {"1", "4"}
+        assert all(1e8 < r < 1e14 for r in figures["matmul_flops"][fmt].values())
+    # a row whose difference was lost in noise is left out, not a made-up rate
+    assert figures["attention_flops"] and set(figures["attention_flops"]) <= {"1", "4"}
+    assert all(1e6 < r < 1e14 for r in figures["attention_flops"].values())
+    assert all(0 <= s < 1e-2 for s in figures["layer_s"].values())
+    assert all(0 <= s < 1 for s in figures["call_s"].values())
+
+
+def test_decoder_figures_are_cached_per_kernel_source(tmp_path, monkeypatch):
+    """Measured only when asked for, cached in the CPU's entry beside the rest (kept when
+    that is measured again), measured again when the kernel's sources change; busy, kept
+    for this process only unless forced."""
+    monkeypatch.setenv("HPLLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(hardware, "_UNCACHED", {})
+    write_known_figures(tmp_path, len(jax.local_devices()), decoder={})
+    calls = []
+    monkeypatch.setattr(hardware, "measure_decoder", lambda: calls.append(1) or {
+        "source": hardware.decoder_source_id(), "stream_bandwidth": {"int8": len(calls)}})
+    monkeypatch.setattr(hardware, "load_average", lambda: (5.0, 5.0, 5.0))  # busy
+    assert hardware.measured_cpu().decoder == {} and not calls  # not measured unasked
+    lines = []
+    busy = hardware.decoder_figures(log=lines.append)
+    assert busy["stream_bandwidth"] == {"int8": 1} and busy["busy"] is True
+    assert len(lines) == 1 and "hpllm hw --decoder --force" in lines[0]
+    assert hardware.decoder_figures(log=lines.append) == busy and len(calls) == 1
+    forced = hardware.decoder_figures(force=True)
+    assert forced["stream_bandwidth"] == {"int8": 2} and len(calls) == 2
+    entry = json.loads((tmp_path / "hardware.json").read_text())[hardware._cpu_fingerprint()]
+    assert entry["decoder"] == forced and entry["read_bandwidth"] == 6e10
+    assert forced["version"] == hardware.DECODER_PROBE_VERSION
+    assert hardware.decoder_figures() == forced and len(calls) == 2  # from the cache
+    assert hardware.measured_cpu().decoder == forced
+    monkeypatch.setattr(hardware, "decoder_source_id", lambda: "edited")  # the kernel changed
+    assert hardware.measured_cpu().decoder == {}
+    assert hardware.decoder_figures(force=True)["stream_bandwidth"] == {"int8": 3}
+    monkeypatch.setattr(hardware, "measure_cpu", lambda n, method="auto": {
+        "probe_version": hardware.PROBE_VERSION, "busy": False, "cores": 2,
+        "load_average": [0.1] * 3, "all_gather_bandwidth_8dev": 1.0})
+    hardware.cpu_figures(refresh=True)  # the rest measured again: the decoder's kept
+    entry = json.loads((tmp_path / "hardware.json").read_text())[hardware._cpu_fingerprint()]
+    assert entry["decoder"]["stream_bandwidth"] == {"int8": 3} and len(calls) == 3
+
+
 def test_table_lookup_by_device_kind():
     assert hardware.lookup("NVIDIA H100 80GB HBM3").name == "NVIDIA H100 SXM"
     assert hardware.lookup("TPU v5 lite").name == "TPU v5e"
@@ -176,6 +243,7 @@ def test_cli_hw_json_from_the_cache(tmp_path):
                          timeout=120, env=dict(env, HPLLM_CACHE=str(tmp_path)))
     assert out.returncode == 0, out.stderr
     assert "at load 0.10/0.20/0.30" in out.stdout and "read 67.0 GB/s" in out.stdout
+    assert "decoder kernel: weights float32 30.0 GB/s, int8 30.0 GB/s" in out.stdout
     data = json.loads((tmp_path / "hw.json").read_text())
     assert data["read_bandwidth"] == 6.7e10 and data["copy_bandwidth"] == 5e10
     assert data["peak_flops"] == {"float32": 4e11, "bfloat16": 3e11, "float16": 3e11,

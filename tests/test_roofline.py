@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from hpllm.cli import main
 from hpllm.config import make_config
+from hpllm.kernels import cpu_decoder
 from hpllm.perf import sizing
 from hpllm.perf.hardware import CHIPS
 from hpllm.compress.quantize import quantize_params
@@ -206,35 +208,107 @@ def test_engine_step_reads_weights_once_and_kv_per_row():
         Workload("engine", 8)
 
 
-def test_cli_quantized_and_engine_workloads(tmp_path):
-    cache = tmp_path / "cache"
-    write_known_figures(cache, 8)
-    env = dict(os.environ, HPLLM_CACHE=str(cache))
-    base = [sys.executable, "-m", "hpllm.cli", "roofline", "--preset", "tiny", "--context", "32",
-            "--measure", "--repeats", "2"]
-    for extra in (["--workload", "decode", "--quant", "int8"],
-                  ["--workload", "engine", "--batch", "3"],
-                  ["--workload", "engine", "--batch", "8", "--quant", "int8"]):
-        out = subprocess.run(base + extra + ["--json", str(tmp_path / "r.json")],
-                             capture_output=True, text=True, timeout=300, env=env)
-        assert out.returncode == 0, out.stderr
-        data = json.loads((tmp_path / "r.json").read_text())
+KERNEL = "kernel" if cpu_decoder.available() else "xla"
+# (arguments, the backend that runs them): the fused decoder kernel for float32 compute,
+# XLA's program for bfloat16 or when asked
+KERNEL_RUNS = ((["--workload", "decode", "--quant", "int8", "--compute_dtype=float32"], KERNEL),
+               (["--workload", "engine", "--batch", "3", "--compute_dtype=float32"], KERNEL))
+XLA_RUNS = ((["--workload", "engine", "--batch", "8", "--quant", "int8", "--backend", "xla"],
+             "xla"), (["--workload", "decode", "--quant", "int8"], "xla"))
+
+
+def test_cli_quantized_engine_and_backends(capsys):
+    """`hpllm roofline --measure` in-process (the session's known figures): decode and engine
+    steps run and are predicted on the backend generate() and the engine choose; bad
+    arguments are one line each."""
+    _check_runs(KERNEL_RUNS, capsys)
+    for bad, message in ((["--quant", "int4", "--workload", "decode"], "not int4"),
+                         (["--quant", "int8", "--workload", "train"], "--quant is for"),
+                         (["--workload", "decode", "--backend", "kernel"], "--backend kernel:")):
+        assert main(["roofline", "--preset", "tiny"] + bad) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1  # one line, no traceback
+    with pytest.raises(SystemExit):
+        main(["roofline", "--quant", "int3"])
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_xla_backend_workloads(capsys):
+    _check_runs(XLA_RUNS, capsys)  # XLA's engine and int8 decode programs: compiling is slow
+
+
+def _check_runs(runs, capsys):
+    tiny = make_config("tiny", [])
+    for extra, backend in runs:
+        path = os.path.join(os.environ["HPLLM_CACHE"], "r.json")
+        assert main(["roofline", "--preset", "tiny", "--context", "32", "--measure",
+                     "--repeats", "2", "--json", path] + extra) == 0
+        out = capsys.readouterr().out
+        data = json.loads(open(path).read())
         quant = "int8" if "int8" in extra else ""
         assert data["quant"] == quant and data["measured_s"] > 0 and data["predicted_s"] > 0
+        assert data["backend"] == backend and f"backend: {backend}" in out
         assert data["workload"]["kind"] == extra[1] and data["workload"]["context"] == 32
-        tiny = make_config("tiny", [])
-        assert data["weight_bytes"] == sum(matmul_weight_bytes(
-            tiny.model, tiny.train.compute_dtype, quant).values())
-        assert ("paged engine step" in out.stdout) == (extra[1] == "engine")
-    for bad, message in ((["--quant", "int4", "--workload", "decode"], "not int4"),
-                         (["--quant", "int8", "--workload", "train"], "--quant is for")):
-        out = subprocess.run(base[:-3] + bad, capture_output=True, text=True, timeout=120,
-                             env=env)
-        assert out.returncode == 2 and message in out.stderr
-        assert len(out.stderr.strip().splitlines()) == 1  # one line, no traceback
-    out = subprocess.run(base[:-3] + ["--quant", "int3"], capture_output=True, text=True,
-                         timeout=120, env=env)
-    assert out.returncode == 2 and "invalid choice: 'int3'" in out.stderr
+        dtype = "float32" if "--compute_dtype=float32" in extra else tiny.train.compute_dtype
+        assert data["weight_bytes"] == sum(matmul_weight_bytes(tiny.model, dtype,
+                                                               quant).values())
+        names = [t["name"] for t in data["terms"]]
+        assert ("layer phases" in names) == (backend == "kernel") != ("dispatch" in names)
+        assert ("paged engine step" in out) == (extra[1] == "engine")
+        if backend == "kernel" and extra[1] == "engine":  # 3 rows: 8 tokens, 4 logits rows
+            assert "8 tokens (4 logits rows)" in out
+
+
+# The fused decoder kernel's figures (hardware.measure_decoder): bytes/s of weights at one
+# token, FLOP/s at several, attention FLOP/s, fixed costs per layer and call, by tokens.
+KERNEL_CPU = dataclasses.replace(CPU, decoder={
+    "stream_bandwidth": {"float32": 25e9, "int8": 20e9},
+    "matmul_flops": {"float32": {"1": 1e10, "8": 8e10, "32": 2e11},
+                     "int8": {"1": 3e10, "8": 1e11, "32": 2.5e11}},
+    "attention_flops": {"1": 2e10, "8": 3e10, "32": 4e10},
+    "layer_s": {"1": 4e-6, "8": 6e-6, "32": 2e-5}, "call_s": {"1": 5e-5, "8": 6e-5, "32": 9e-5}})
+
+
+def test_kernel_prediction_is_the_kernels_measured_rates():
+    config = make_config("smollm2-135m", []).model  # 30 layers, 9 heads of 64, dim 576
+    layer_params = matmul_params(config) - config.dim * config.vocab_size
+    for quant, stream, flops in (("", 25e9, 1e10), ("int8", 20e9, 3e10)):
+        pred = predict(config, Workload("decode", 1, context=256), KERNEL_CPU, quant=quant,
+                       backend="kernel")
+        terms = {t.name: t for t in pred.terms}
+        stored = matmul_weight_bytes(config, "float32", quant)  # the kernel's float32/int8
+        weights, head = terms["weight matmuls"], terms["output projection"]
+        assert weights.bytes == stored["layers"] and head.bytes == stored["output"]
+        assert weights.memory_s == pytest.approx(stored["layers"] / stream)
+        assert weights.compute_s == pytest.approx(2 * layer_params / flops)
+        assert head.compute_s == pytest.approx(2 * config.dim * config.vocab_size / flops)
+        assert terms["attention (KV read)"].compute_s == pytest.approx(
+            4 * 30 * 9 * 64 * 256 / 2e10)
+        assert terms["layer phases"].seconds == pytest.approx(30 * 4e-6)
+        assert terms["call"].seconds == pytest.approx(5e-5)
+        assert pred.step_s == pytest.approx(sum(t.seconds for t in pred.terms))
+    # the engine pads 5 rows to 8 tokens and 8 logits rows; padding attends to nothing
+    five = {t.name: t for t in predict(config, Workload("engine", 5, context=300), KERNEL_CPU,
+                                       backend="kernel").terms}
+    assert five["weight matmuls"].compute_s == pytest.approx(8 * 2 * layer_params / 8e10)
+    assert five["attention (KV read)"].flops == 4 * 5 * 30 * 9 * 64 * 300
+    assert five["attention (KV read)"].compute_s == pytest.approx(4 * 5 * 30 * 9 * 64 * 300
+                                                                  / 3e10)
+    assert five["layer phases"].seconds == pytest.approx(30 * 6e-6)
+    # beyond the measured token counts: the largest's rates
+    many = {t.name: t for t in predict(config, Workload("engine", 100, context=64), KERNEL_CPU,
+                                       backend="kernel").terms}
+    assert many["weight matmuls"].compute_s == pytest.approx(128 * 2 * layer_params / 2e11)
+    assert many["call"].seconds == pytest.approx(9e-5)
+    for kwargs, message in (({"chip": CPU}, "no measured decoder-kernel figures"),
+                            ({"workload": Workload("prefill", 1, 16)}, "decode and engine"),
+                            ({"quant": "int8-zp"}, "no 'int8-zp' weights"),
+                            ({"backend": "pallas"}, "backend must be")):
+        args = dict(model=config, workload=Workload("decode", 1, context=8), chip=KERNEL_CPU,
+                    backend="kernel") | kwargs
+        with pytest.raises(ValueError, match=message):
+            predict(**args)
 
 
 # Measured one-row dot times by matrix bytes (float32 and int8) and the paged kernel's rate.

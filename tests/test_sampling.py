@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hpllm.infer.sampling import (SampleRow, SamplingError, SamplingParams, _filter,
-                                  apply_penalties, sample)
+                                  apply_penalties, categorical, sample)
 
 
 def _row(params, seed=0, index=0, step=0, prompt=(), out=()):
@@ -45,9 +45,9 @@ def test_filters_keep_the_numpy_support(top_k, top_p, min_p):
     rng = np.random.default_rng(top_k * 100 + int(top_p * 10))
     v = 41
     logits = rng.normal(size=(2, v)).astype(np.float32) * 2
-    got = np.asarray(_filter(jnp.asarray(logits), jnp.full(2, top_k), jnp.full(2, top_p,
-                                                                                jnp.float32),
-                             jnp.full(2, min_p, jnp.float32)))
+    got = np.asarray(jax.jit(_filter)(jnp.asarray(logits), jnp.full(2, top_k),  # one compile
+                                      jnp.full(2, top_p, jnp.float32),
+                                      jnp.full(2, min_p, jnp.float32)))
     for row in range(2):
         x = logits[row].astype(np.float64)
         order = np.argsort(-x)
@@ -136,3 +136,19 @@ def test_single_stream_refuses_parameters_it_does_not_apply():
         assert err.value.param == field
     with pytest.raises(SamplingError, match="^top_p"):  # and the usual validation
         check_single_stream(SamplingParams(top_p=0))
+
+
+def test_draws_across_cdf_slices_follow_softmax_and_skip_masked_tokens():
+    """The two-level inverse CDF (256-wide slices) over an odd vocabulary of 3 slices: the
+    histogram matches the softmax (chi-square) and -inf tokens are never drawn."""
+    v, n = 601, 3000
+    logits = np.full((1, v), -np.inf, np.float32)
+    support = [0, 255, 256, 300, 511, 512, 600]
+    logits[0, support] = [0.5, 1.0, -0.3, 0.8, 0.0, 1.2, -1.0]
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.arange(n))
+    draws = np.asarray(jax.jit(categorical)(keys, jnp.repeat(jnp.asarray(logits), n, axis=0)))
+    assert set(draws.tolist()) <= set(support)
+    p = np.exp(logits[0, support] - logits[0, support].max())
+    p /= p.sum()
+    counts = np.array([(draws == t).sum() for t in support])
+    assert ((counts - n * p) ** 2 / (n * p)).sum() < 22.5  # p = 0.001 at 6 degrees of freedom

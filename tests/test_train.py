@@ -45,6 +45,13 @@ def test_step_memorises_a_batch_with_float32_master_weights(compute_dtype):
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state["params"]))
 
 
+def test_unknown_cpu_kernel_is_refused():
+    config = make_config("tiny", ["--compute_dtype=bfloat16"])
+    state = jax.eval_shape(lambda: init_state(config, jax.random.key(0)))
+    with pytest.raises(ValueError, match="unknown CPU kernels.*known: matmul, attention"):
+        jit_train_step(config, cpu_kernels=("flash",)).lower(state, random_batch(config, 0))
+
+
 def test_weight_decay_skips_norms():
     # With zero gradients, AdamW's update is pure decay: matrices shrink, norm scales do not.
     config = make_config("tiny", ["--warmup_steps=0", "--weight_decay=0.5", "--lr=0.1"])

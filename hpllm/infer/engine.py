@@ -40,11 +40,6 @@ from hpllm.infer.speculative.proposers import load_distilled_draft
 from hpllm.infer.structured import compile_grammar, fill_masks
 
 
-# greedy or not x top-p filter or not x logprobs none/0/1/2/4/8 (the sampler's static flags)
-SAMPLER_WARMUP = [dict(temperature=t, top_p=p, logprobs=k) for t, p in
-                  ((0.0, 1.0), (1.0, 1.0), (1.0, 0.9)) for k in (None, 0, 1, 2, 4, 8)]
-
-
 @jax.jit
 def _pick_rows(logits, index):
     return logits[index]
@@ -203,20 +198,17 @@ class EngineCore:
         (rows can exceed tokens: n > 1 forks and speculative rows repeat tokens)."""
         return [(t, r) for t in self.token_buckets for r in self.row_buckets]
 
-    def warmup(self, progress=None, sampler_variants=None) -> int:
+    def warmup(self, progress=None) -> int:
         """Compile what a step runs, before the first request: the pass for every bucket in
-        buckets() (dummy passes that write only the null block), the sampler for every row
-        bucket in its common variants (greedy or not, top-k/p filters or not, logprobs
-        none/0/1/2/4/8) and the copy-on-write copies. Changes no engine state (every copy
-        is the null block onto itself). progress(done, total) after each; returns the
-        count. Not covered: penalties, logit_bias, structured-output masks, top_logprobs
-        over 8, speculative accept/reject (they compile on first use). sampler_variants:
-        SamplingParams keyword dicts in place of SAMPLER_WARMUP (a batch's sampler is the
-        union of its rows' variants, so the default is the whole product)."""
+        buckets() (dummy passes that write only the null block), the sampler per row bucket
+        (greedy or drawn; top-k/p/min-p filters and logprobs up to 8 are data of those
+        executables, hpllm.infer.sampling) and the copy-on-write copies. Changes no engine
+        state (every copy is the null block onto itself). progress(done, total) after each;
+        returns the count. Not covered: penalties, logit_bias, structured-output masks,
+        top_logprobs over 8, speculative accept/reject (they compile on first use)."""
         shapes = self.buckets()
-        variants = SAMPLER_WARMUP if sampler_variants is None else sampler_variants
         copies = pow_buckets(4, 2 * self.scheduler.max_num_seqs)  # a decode copies <= 2
-        total = len(shapes) + len(variants) * len(self.row_buckets) + len(copies)
+        total = len(shapes) + len(self.row_buckets) + len(copies)
         done = 0
 
         def tick():
@@ -228,11 +220,13 @@ class EngineCore:
         for t, r in shapes:
             self.model.run_ragged(dummy_batch(t, r, self.num_slots, self.table_width))
             tick()
-        for r in self.row_buckets:
-            logits = jnp.zeros((r, self.config.vocab_size), jnp.float32)
-            for v in variants:
-                sample(logits, [SampleRow(SamplingParams(**v), 0, 0, 0, [], [])] * r)
-                tick()
+        kinds = [SampleRow(SamplingParams(temperature=t, logprobs=k), 0, 0, 0, [], [])
+                 for t, k in ((0.0, None), (0.0, 0), (1.0, 0))]
+        for r in self.row_buckets:  # plain greedy (no executable on CPU), greedy with
+            logits = jnp.zeros((r, self.config.vocab_size), jnp.float32)  # logprobs, drawn
+            for row in kinds:
+                sample(logits, [row] * r)
+            tick()
         for n in copies:
             self.model.copy_blocks([(0, 0)] * n)
             tick()

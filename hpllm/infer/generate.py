@@ -94,11 +94,12 @@ def _prepared(params, config: ModelConfig):
     return weights
 
 
-def _kernel_generate(params, config, prompt, end, temperature, top_k, top_p, seed, stop_ids):
+def _kernel_generate(params, config, prompt, end, temperature, top_k, top_p, seed, stop_ids,
+                     kv_dtype):
     weights = _prepared(params, config)
     length = pow2_bucket(end, 256, config.max_seq_len)
     blocks = math.ceil(length / KERNEL_BLOCK_SIZE)
-    pool = cpu_decoder.create_pool(config, blocks + 1, KERNEL_BLOCK_SIZE)  # + the null block
+    pool = cpu_decoder.create_pool(config, blocks + 1, KERNEL_BLOCK_SIZE, kv_dtype)  # + null
     tables = jnp.arange(1, blocks + 1, dtype=jnp.int32)[None]
     padded = pow2_bucket(len(prompt), 16, length)  # one compiled prefill per bucket
     tokens = jnp.asarray(prompt + [0] * (padded - len(prompt)), jnp.int32)
@@ -151,7 +152,7 @@ def generate(params, config: ModelConfig, prompt: list[int], max_new_tokens: int
         reason = kernel_unsupported(params, config, dtype, kv_dtype)
         if reason is None:
             yield from _kernel_generate(params, config, prompt, end, temperature, top_k, top_p,
-                                        seed, stop_ids)
+                                        seed, stop_ids, kv_dtype)
             return
         if cpu_kernel:
             raise ValueError(f"generate(cpu_kernel=True): {reason}")

@@ -21,10 +21,12 @@ s (within the attention window) in every layer; the tokens of one step see each 
 causally. Position -1 is padding: it writes nothing and reads nothing (its logits are
 meaningless); so is a token whose table row lacks one of its blocks (an id outside the
 pool), and a token id outside the vocabulary is an error. Block 0 is the engine's reserved
-null block. The pool is aliased in place: donate it under jit. Weights: float32, int8 per
+null block. The pool (float32, or int8 codes with a float32 scale per token per head as
+hpllm.quantized.quantize_kv) is aliased in place: donate it under jit. Weights: float32, int8 per
 row ("int8") or int4 per group ("int4") QuantizedWeights; anything else is reported by
-`unsupported`. HPLLM_DECODER_THREADS caps the threads a step uses; HPLLM_DECODER_PROFILE=1
-makes the kernel time its phases (`profile()`). Of hpllm this imports only
+`unsupported`. HPLLM_DECODER_THREADS caps the threads a step uses; HPLLM_DECODER_LINGER_US
+sets how long the kernel's helper threads spin after a step before sleeping (default 0);
+HPLLM_DECODER_PROFILE=1 makes the kernel time its phases (`profile()`). Of hpllm this imports only
 hpllm.kernels.native (which builds and registers the kernel).
 """
 
@@ -35,6 +37,7 @@ import dataclasses
 import functools
 import os
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -44,19 +47,24 @@ from hpllm.kernels import native
 
 SOURCE = pathlib.Path(__file__).parent / "csrc" / "decoder.cc"
 HEADERS = (SOURCE.parent / "gemm.h",)
-_SYMBOL = "HpllmDecoderStep"
+_SYMBOLS = {"": "HpllmDecoderStep", "_kv8": "HpllmDecoderStepKv8"}  # float32 / int8 pools
 THREADS_ENV = "HPLLM_DECODER_THREADS"  # cap on the threads a step uses (0/unset: all)
 _LAYER_KEYS = frozenset({"attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up",
                          "w_down"})
 _SCHEMES = ("int8", "int4")
+KV_DTYPES = ("float32", "int8")  # int8: codes + a float32 scale per token per head
 
 
-def _target(portable: bool) -> str:
-    return "hpllm_decoder_step" + ("_portable" if portable else "")
+def _target(portable: bool, kv: str = "") -> str:
+    return "hpllm_decoder_step" + kv + ("_portable" if portable else "")
+
+
+def _targets(portable: bool) -> dict:
+    return {_target(portable, kv): symbol for kv, symbol in _SYMBOLS.items()}
 
 
 def _status(portable: bool = False) -> str | None:
-    return native.load_status("decoder", [SOURCE], HEADERS, {_target(portable): _SYMBOL},
+    return native.load_status("decoder", [SOURCE], HEADERS, _targets(portable),
                               portable=portable)
 
 
@@ -83,8 +91,8 @@ def unsupported(config, params, kv_dtype: str = "float32") -> str | None:
         return "mixture-of-experts MLPs are not supported"
     if c.pos_embedding != "rope":
         return f"{c.pos_embedding} position embeddings are not supported (RoPE only)"
-    if kv_dtype != "float32":
-        return f"KV cache dtype {kv_dtype} is not supported (float32 only)"
+    if kv_dtype not in KV_DTYPES:
+        return f"KV cache dtype {kv_dtype} is not supported ({' or '.join(KV_DTYPES)} only)"
     if not isinstance(params, dict) or "layers" not in params or "embed" not in params:
         return "params are not a decoder parameter tree"
     extra = set(params) - {"embed", "layers", "final_norm", "unembed"}
@@ -221,7 +229,44 @@ def prepare(params, config) -> DecoderWeights:
     if config.tie_embeddings:  # one device copy of the shared table
         arrays["head"], arrays["head_scale"] = emb = (jnp.asarray(emb[0]), jnp.asarray(emb[1]))
         arrays["embed"], arrays["embed_scale"] = emb
-    return DecoderWeights(**{k: jnp.asarray(v) for k, v in arrays.items()})
+    weights = DecoderWeights(**{k: jnp.asarray(v) for k, v in arrays.items()})
+    collapse_to_huge_pages(jax.tree.leaves(weights))
+    return weights
+
+
+_MADV_COLLAPSE = 25  # Linux >= 6.1: back a range with 2 MiB pages now (khugepaged is slow)
+_HUGE = 2 << 20
+
+
+def collapse_to_huge_pages(arrays) -> int:
+    """Backs the whole 2 MiB pages inside each CPU array's buffer with huge pages
+    (madvise MADV_COLLAPSE; ~1 s per 130 MB, once). Why: a decode step streams every weight
+    once, and with 4 KiB pages each page starts the hardware prefetcher cold; measured on
+    the development Zen 5, one thread's int8 matvec over SmolLM2's matrices read 24-28 GB/s
+    on 4 KiB pages and 32-34 GB/s on 2 MiB pages. Advice only: where the kernel refuses
+    (older Linux, THP off, not Linux) nothing changes. HPLLM_HUGE_PAGES=0 skips it.
+    Returns the bytes advised."""
+    if os.environ.get("HPLLM_HUGE_PAGES", "1") == "0" or not sys.platform.startswith("linux"):
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    madvise = libc.madvise
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    advised = 0
+    jax.block_until_ready(arrays)  # the copies written (collapse refuses pages not yet there)
+    for a in arrays:
+        if getattr(a, "nbytes", 0) < 2 * _HUGE:
+            continue
+        try:
+            start = a.unsafe_buffer_pointer()
+        except Exception:  # not a single-device CPU buffer: leave it
+            continue
+        lo, hi = -(-start // _HUGE) * _HUGE, (start + a.nbytes) // _HUGE * _HUGE
+        if hi > lo and madvise(lo, hi - lo, _MADV_COLLAPSE) == 0:
+            advised += hi - lo
+    return advised
 
 
 def _slice_layer(layers: dict, i: int) -> dict:
@@ -238,12 +283,21 @@ def _slice_layer(layers: dict, i: int) -> dict:
 
 # ------------------------------------------------------------------------------ the pool
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["k", "v", "k_scale", "v_scale"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class KVPool:
-    """k, v: (L, num_blocks, block_size, n_kv_heads, head_dim) float32; block 0 is null."""
+    """k, v: (L, num_blocks, block_size, n_kv_heads, head_dim) float32, or int8 codes with
+    k_scale, v_scale (L, num_blocks, block_size, n_kv_heads) float32 (None for float32,
+    hpllm.quantized.quantize_kv's per-token-per-head scales); block 0 is null."""
     k: jax.Array
     v: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
+
+    @property
+    def kv_dtype(self) -> str:
+        return "int8" if self.k.dtype == jnp.int8 else "float32"
 
     @property
     def block_size(self) -> int:
@@ -255,19 +309,23 @@ class KVPool:
 
 
 def create_pool(config, num_blocks: int, block_size: int, kv_dtype: str = "float32") -> KVPool:
-    if kv_dtype != "float32":
-        raise ValueError(f"cpu_decoder pools are float32 only, got {kv_dtype}")
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"cpu_decoder pools are {' or '.join(KV_DTYPES)}, got {kv_dtype}")
     if num_blocks < 1 or block_size < 1:
         raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, "
                          f"{block_size}")
     shape = (config.n_layers, num_blocks, block_size, config.n_kv_heads, config.head_dim)
+    if kv_dtype == "int8":
+        return KVPool(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8),
+                      jnp.ones(shape[:-1], jnp.float32), jnp.ones(shape[:-1], jnp.float32))
     return KVPool(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
 
 
 def copy_blocks(pool: KVPool, src, dst) -> KVPool:
-    """Blocks src[i] copied onto dst[i] in every layer (copy-on-write)."""
+    """Blocks src[i] copied onto dst[i] in every layer (copy-on-write), scales included."""
     src, dst = jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32)
-    return KVPool(pool.k.at[:, dst].set(pool.k[:, src]), pool.v.at[:, dst].set(pool.v[:, src]))
+    copy = lambda a: None if a is None else a.at[:, dst].set(a[:, src])
+    return KVPool(copy(pool.k), copy(pool.v), copy(pool.k_scale), copy(pool.v_scale))
 
 
 # ------------------------------------------------------------------------------ the step
@@ -297,31 +355,47 @@ def step(weights: DecoderWeights, pool: KVPool, tokens, positions, seq_index, ta
         raise ValueError(f"positions {positions.shape} and seq_index {seq_index.shape} must "
                          f"match tokens {tokens.shape}")
     vocab = weights.head.shape[0]
+    int8 = pool.kv_dtype == "int8"
+    pool_arrays = (pool.k, pool.v, pool.k_scale, pool.v_scale) if int8 else (pool.k, pool.v)
     out = (jax.ShapeDtypeStruct((logits_index.shape[0], vocab), jnp.float32),
-           jax.ShapeDtypeStruct(pool.k.shape, jnp.float32),
-           jax.ShapeDtypeStruct(pool.v.shape, jnp.float32))
-    call = jax.ffi.ffi_call(_target(portable), out, input_output_aliases={5: 1, 6: 2})
+           *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in pool_arrays))
+    call = jax.ffi.ffi_call(_target(portable, "_kv8" if int8 else ""), out,
+                            input_output_aliases={5 + i: 1 + i for i in range(len(pool_arrays))})
     w = weights
-    logits, k, v = call(tokens, positions, seq_index, tables, logits_index, pool.k, pool.v,
-                        w.embed, w.embed_scale, w.attn_norm, w.wqkv, w.wqkv_scale, w.wo,
-                        w.wo_scale, w.mlp_norm, w.wgu, w.wgu_scale, w.wdown, w.wdown_scale,
-                        w.final_norm, w.head, w.head_scale,
-                        n_heads=np.int64(c.n_heads), n_kv_heads=np.int64(c.n_kv_heads),
-                        rope_theta=np.float32(c.rope_theta), norm_eps=np.float32(c.norm_eps),
-                        window=np.int64(c.attention_window), max_threads=np.int64(_threads()))
-    return logits, KVPool(k, v)
+    logits, *arrays = call(tokens, positions, seq_index, tables, logits_index, *pool_arrays,
+                           w.embed, w.embed_scale, w.attn_norm, w.wqkv, w.wqkv_scale, w.wo,
+                           w.wo_scale, w.mlp_norm, w.wgu, w.wgu_scale, w.wdown, w.wdown_scale,
+                           w.final_norm, w.head, w.head_scale,
+                           n_heads=np.int64(c.n_heads), n_kv_heads=np.int64(c.n_kv_heads),
+                           rope_theta=np.float32(c.rope_theta),
+                           norm_eps=np.float32(c.norm_eps),
+                           window=np.int64(c.attention_window),
+                           max_threads=np.int64(_threads()))
+    return logits, KVPool(*arrays)
 
 
 PROFILE_ENV = "HPLLM_DECODER_PROFILE"  # =1: the kernel times its phases (read: profile())
 PHASES = ("qkv+rope", "attention", "o-proj", "gate/up", "down", "head", "prologue")
+# Who did the work (csrc/decoder.cc Counter), summed over steps: chunks claimed by the calling
+# thread and by helper threads, helpers that joined a step before its end and the phases they
+# joined at, futex sleeps of waiting threads, the threads a step could use, ns from posting a
+# step to a helper joining it, ns threads spent waiting at barriers, thread-CPU ns of
+# attention run serially, ns from a step's end to the next one's start, helpers that found a
+# step while still spinning after the previous one (not asleep).
+COUNTERS = ("caller_chunks", "helper_chunks", "helpers_joined", "join_phase_sum", "sleeps",
+            "threads_sum", "join_ns", "wait_ns", "attention_cpu_ns", "gap_ns",
+            "caught_spinning")
 
 
 def profile(reset: bool = True) -> dict:
-    """Seconds spent per phase kind since the last reset, and the steps counted; all zero
-    unless HPLLM_DECODER_PROFILE=1 was set before the first step."""
-    lib = native.library("decoder", [SOURCE], HEADERS, {_target(False): _SYMBOL})
+    """Seconds spent per phase kind (PHASES) since the last reset, the steps counted and
+    COUNTERS under "counts"; all zero unless HPLLM_DECODER_PROFILE=1 was set before the first
+    step."""
+    lib = native.library("decoder", [SOURCE], HEADERS, _targets(False))
     if lib is None:
         return {}
-    out = (ctypes.c_double * (len(PHASES) + 1))()
+    n = len(PHASES)
+    out = (ctypes.c_double * (n + 1 + len(COUNTERS)))()
     lib.HpllmDecoderProfile(out, int(reset))
-    return {**dict(zip(PHASES, out[:len(PHASES)])), "steps": int(out[len(PHASES)])}
+    return {**dict(zip(PHASES, out[:n])), "steps": int(out[n]),
+            "counts": {k: int(v) for k, v in zip(COUNTERS, out[n + 1:])}}

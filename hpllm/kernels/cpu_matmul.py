@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from hpllm.kernels import native
 
 SOURCE = native.CSRC / "bf16_matmul.cc"
-HEADERS = (native.CSRC / "parallel_chunks.h",)
+HEADERS = (native.CSRC / "parallel_chunks.h", native.CSRC / "vec_math.h")
 _TARGETS = {"f32": "HpllmBf16MatmulF32", "bf16": "HpllmBf16MatmulBf16"}
 # Rows of x from which the kernel beats XLA's bf16 dot (packing B is paid per call); below,
 # XLA. Measured on training's shapes in bench/train_vs_torch.py --kernels.

@@ -9,6 +9,7 @@ KV cache.
 
 import jax.numpy as jnp
 
+from hpllm.kernels import cpu_attention
 from hpllm.kernels.decode_attention import flash_decode
 from hpllm.kernels.flash_attention import flash_attention
 from hpllm.kernels.masking import reference_attention
@@ -46,6 +47,8 @@ def attention(q, k, v, q_pos, kv_pos, q_seg=None, kv_seg=None, impl="reference",
         q_seg = jnp.ones(q_pos.shape, jnp.int32)
     if kv_seg is None:
         kv_seg = jnp.ones(kv_pos.shape, jnp.int32)
+    if impl in ("reference", "auto") and cpu_attention.routed(q, k):  # CPU training step
+        return cpu_attention.attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window)
     try:
         fn = IMPLEMENTATIONS[impl]
     except KeyError:

@@ -13,7 +13,11 @@ the measurement:
   A jitted reduction runs on one XLA thread and sees about half of what the cores can read.
 - what a decode step's pieces cost through the runtime: one-row weight dots by size, batched
   weight matmuls at a few rows, attention over a dense cache and the engine's paged one, the
-  cost per launched op (the roofline's CPU terms).
+  cost per launched op (the roofline's CPU terms, XLA's program);
+- what the fused CPU decoder kernel (kernels/cpu_decoder.py, what generate() and the engine
+  run on CPU) costs, timed on the kernel itself: its weight streaming rate per format, FLOP/s
+  and attention FLOP/s by tokens, its fixed costs per layer and per call (measure_decoder;
+  cached on their own with the kernel's source hash, measured when a prediction needs them).
 
 A measurement taken while other work runs (1-minute load average above half the cores) is
 used but not cached, unless forced: it would make every later prediction wrong.
@@ -25,7 +29,9 @@ import concurrent.futures
 import ctypes
 import dataclasses
 import functools
+import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -36,9 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from hpllm.cache import cache_dir
-from hpllm.kernels import cpu_matmul, cpu_quant_matmul, native, paged_attention
+from hpllm.kernels import cpu_decoder, cpu_matmul, cpu_quant_matmul, native, paged_attention
 from hpllm.config import ModelConfig
 from hpllm.model.kv_cache import DenseKVCache
+from hpllm.quantized import QuantizedWeight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +89,10 @@ class Chip:
     # And of one-token decode attention over a dense cache (FLOP/s): XLA:CPU transposes the
     # layer's whole cache into a copy for its dots, far slower than reading it.
     decode_attention_flops: float = 0.0
+    # The fused CPU decoder kernel's figures (measure_decoder), what generate() and the
+    # engine run on CPU: {"stream_bandwidth": {fmt: bytes/s}, "matmul_flops": {fmt: {rows:
+    # FLOP/s}}, "attention_flops", "layer_s", "call_s": {rows: ...}, "source": its hash}.
+    decoder: dict = dataclasses.field(default_factory=dict)
 
     def peak(self, dtype: str = "bfloat16") -> float:
         return self.peak_flops.get(dtype) or self.peak_flops["bfloat16"]
@@ -300,6 +311,8 @@ def measure_matvec(nbytes: int = 128 * 2**20, matrix_bytes: int = 4 * 2**20,
     big_bytes, big_s, big_n = _dot_chain(1, nbytes, matrix_bytes, repeats, dtype, int8)
     _, small_s, small_n = _dot_chain(1, nbytes, small_bytes, repeats, dtype, int8)
     per_dot = max(small_s - big_s, 0.0) / max(small_n - big_n, 1)
+    if big_n * per_dot >= big_s:  # noise (a loaded machine): no fixed cost to split off
+        per_dot = 0.0
     return big_bytes / (big_s - big_n * per_dot), per_dot
 
 
@@ -443,6 +456,151 @@ def measure_decode_attention(keys: int = 256, layers: int = 30, n_kv_heads: int 
     return 4 * heads * head_dim * keys * layers / seconds
 
 
+# ---------------------------------------------------------------- the fused decoder step
+# On CPU generate() and the engine run the whole step as one FFI call (kernels/cpu_decoder.py):
+# its phases stream each weight matrix once with every thread, one barrier each. Its time is
+# four figures, each timed on the kernel itself at each token count (measure_decoder).
+DECODER_ROWS = (1, 2, 4, 8, 16, 32, 64)  # tokens per step: decode, engine batches (pow2)
+DECODER_FORMATS = ("float32", "int8")  # weight formats the roofline predicts it for
+
+
+def decoder_source_id() -> str:
+    """A hash of the kernel's sources: figures measured on other sources are stale."""
+    digest = hashlib.sha256()
+    for path in (cpu_decoder.SOURCE, *cpu_decoder.HEADERS):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _probe_params(config: ModelConfig, fmt: str) -> dict:
+    """Constant weights of `config` as a model's parameter tree (float32, or int8 codes with
+    row scales): the kernel's time does not depend on their values."""
+    c = config
+    h, kv, dh = c.n_heads, c.n_kv_heads, c.head_dim
+
+    def mat(ins: tuple, outs: tuple):
+        if fmt == "float32":
+            return np.full(ins + outs, 1e-3, np.float32)
+        n, k = math.prod(outs), math.prod(ins)
+        return QuantizedWeight(np.ones((n, k), np.int8), np.full((n, 1), 1e-3, np.float32),
+                               None, "int8", ins + outs, tuple(range(len(ins))))
+
+    ones = np.ones(c.dim, np.float32)
+    layer = lambda: dict(attn_norm=ones, wq=mat((c.dim,), (h, dh)), wk=mat((c.dim,), (kv, dh)),
+                         wv=mat((c.dim,), (kv, dh)), wo=mat((h, dh), (c.dim,)), mlp_norm=ones,
+                         w_gate=mat((c.dim,), (c.hidden_dim,)),
+                         w_up=mat((c.dim,), (c.hidden_dim,)),
+                         w_down=mat((c.hidden_dim,), (c.dim,)))
+    embed = (np.full((c.vocab_size, c.dim), 1e-3, np.float32) if fmt == "float32" else
+             QuantizedWeight(np.ones((c.vocab_size, c.dim), np.int8),
+                             np.full((c.vocab_size, 1), 1e-3, np.float32), None, "int8",
+                             (c.vocab_size, c.dim), (1,)))
+    return dict(embed=embed, layers=[layer() for _ in range(c.n_layers)], final_norm=ones)
+
+
+def _decoder_runner(config: ModelConfig, fmt: str, block_size: int = 16):
+    """seconds(rows, keys, repeats): the best time of the kernel's step (jitted, pool
+    donated, as the engine runs it) of `config` with constant `fmt` weights, `rows`
+    sequences of `keys` tokens each in blocks of their own, one new token each."""
+    weights = cpu_decoder.prepare(_probe_params(config, fmt), config)
+    step = jax.jit(functools.partial(cpu_decoder.step, config=config), donate_argnums=1)
+
+    def seconds(m: int, keys: int = 1, repeats: int = 5) -> float:
+        pages = -(-keys // block_size)
+        state = [cpu_decoder.create_pool(config, 1 + m * pages, block_size)]
+        # host arrays, as the engine passes them (eager jnp ops would each compile)
+        tables = 1 + np.arange(m * pages, dtype=np.int32).reshape(m, pages)
+        tokens, index = np.zeros(m, np.int32), np.arange(m, dtype=np.int32)
+        positions = np.full(m, keys - 1, np.int32)
+
+        def run():
+            logits, state[0] = step(weights, state[0], tokens, positions, index, tables, index)
+            return logits
+
+        return min(time_calls(run, repeats))
+
+    return seconds
+
+
+def _paired_seconds(first, second, rows, rounds: int = 2) -> tuple[dict, dict]:
+    """{rows: best seconds} of two steps (callables of rows), timed alternately `rounds`
+    times at each row count: a loaded machine's drift then hits both, not their difference."""
+    a, b = {}, {}
+    for m in rows:
+        for _ in range(rounds):
+            a[m] = min(a.get(m, math.inf), first(m))
+            b[m] = min(b.get(m, math.inf), second(m))
+    return a, b
+
+
+def _stream_config(fmt: str, nbytes: int) -> ModelConfig:
+    """Layers of a 1024-wide Llama (16 heads, 4 KV heads, MLP 2816: matrices of 0.5-11 MB as
+    float32), as many as hold `nbytes` of `fmt` weights: streamed from memory, beyond L3."""
+    per_layer = 1024 * (1024 + 2 * 256) + 1024 * 1024 + 3 * 1024 * 2816
+    item = 4 if fmt == "float32" else 1
+    return ModelConfig(vocab_size=4096, dim=1024, n_heads=16, n_kv_heads=4, ffn_dim=2816,
+                       max_seq_len=64, n_layers=max(1, round(nbytes / (per_layer * item))))
+
+
+def decoder_weight_bytes(config: ModelConfig, fmt: str) -> tuple[int, int]:
+    """(bytes, weights) of the matrices one kernel step reads: each layer's q/k/v/o and
+    gate/up/down and the (tied) LM head, int8 codes with one float32 scale per row."""
+    c = config
+    qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+    shapes = [(qkv, c.dim), (c.dim, c.n_heads * c.head_dim), (2 * c.hidden_dim, c.dim),
+              (c.dim, c.hidden_dim)]
+    weights = c.n_layers * sum(n * k for n, k in shapes) + c.vocab_size * c.dim
+    rows = c.n_layers * sum(n for n, _ in shapes) + c.vocab_size
+    return (4 * weights if fmt == "float32" else weights + 4 * rows), weights
+
+
+def measure_decoder(rows=DECODER_ROWS, stream_bytes: int = 160 * 2**20, repeats: int = 5,
+                    formats=DECODER_FORMATS) -> dict:
+    """The fused decoder kernel's figures, each from steps of the kernel on constant
+    weights (empty where it is not available), at each token count of `rows`:
+    - layer_s, call_s: a 64-wide decoder of 16 and 48 layers (no work to speak of): the
+      extra time per layer is its phases' barriers and serial pieces, the rest the call's
+      fixed cost (jit dispatch, the FFI call, waking the pool);
+    - stream_bandwidth {fmt: bytes/s} (1 token) and matmul_flops {fmt: {rows: FLOP/s}}: a
+      decoder of `stream_bytes` of weights (_stream_config) less the fixed costs above;
+    - attention_flops {rows: FLOP/s}: SmolLM2's heads (3 KV x 3 query of 64), 8 layers of a
+      hidden-64 MLP, int8 weights, over 32 + max(256, 1024 / rows) against 32 keys: the
+      extra time per extra FLOP (4 x heads x head_dim per key and token).
+    Each pair whose difference is a figure is timed alternately (_paired_seconds)."""
+    if not cpu_decoder.available():
+        return {}
+    rows = list(rows)
+    tiny = lambda layers: ModelConfig(vocab_size=64, dim=64, n_heads=1, n_kv_heads=1,
+                                      ffn_dim=64, max_seq_len=64, n_layers=layers)
+    short, deep = (_decoder_runner(tiny(n), "float32") for n in (16, 48))
+    short, deep = _paired_seconds(lambda m: short(m, repeats=2 * repeats),
+                                  lambda m: deep(m, repeats=2 * repeats), rows)
+    layer_s = {m: max(deep[m] - short[m], 0.0) / 32 for m in rows}
+    call_s = {m: max(short[m] - 16 * layer_s[m], 0.0) for m in rows}
+    stream, flops = {}, {}
+    for fmt in formats:
+        config = _stream_config(fmt, stream_bytes)
+        nbytes, weights = decoder_weight_bytes(config, fmt)
+        run = _decoder_runner(config, fmt)
+        own = {m: max(run(m, repeats=repeats) - call_s[m] - config.n_layers * layer_s[m],
+                      1e-9) for m in rows}
+        stream[fmt] = nbytes / own[rows[0]]
+        flops[fmt] = {str(m): 2 * m * weights / own[m] for m in rows}
+    # int8 projections: the least time besides the attention in the difference
+    heads = _decoder_runner(ModelConfig(vocab_size=64, dim=576, n_heads=9, n_kv_heads=3,
+                                        ffn_dim=64, max_seq_len=2048, n_layers=8), "int8")
+    extra = lambda m: max(256, 1024 // m)  # keys beyond the near 32: ~2 ms of work at 1 row
+    near, far = _paired_seconds(lambda m: heads(m, 32, repeats),
+                                lambda m: heads(m, 32 + extra(m), repeats), rows)
+    # a difference lost in noise (not positive) is no figure: the roofline takes the next
+    attention = {str(m): 4 * m * 8 * 9 * 64 * extra(m) / (far[m] - near[m])
+                 for m in rows if far[m] > near[m]}
+    return {"source": decoder_source_id(), "threads": cores(),
+            "layer_s": {str(m): v for m, v in layer_s.items()},
+            "call_s": {str(m): v for m, v in call_s.items()},
+            "stream_bandwidth": stream, "matmul_flops": flops, "attention_flops": attention}
+
+
 def measure_dispatch_overhead(ops: int = 256, repeats: int = 20) -> tuple[float, float]:
     """(seconds per op, seconds per call) of XLA's runtime: jitted chains of `ops` and
     2·`ops` dependent 8x8 dots, whose compute is negligible; the difference is the cost of
@@ -500,9 +658,12 @@ def _cpu_fingerprint() -> str:
 
 # Entries of older probes (one-thread reads, no load recorded; no int8-kernel, per-dot or
 # layer-shaped batched chains; no one-row dot table or attention rates) are measured again;
-# probe 6's lacks only the bf16 kernel's peak, which is measured alone and added.
+# probe 6's lacks only the bf16 kernel's peak, which is measured alone and added. The decoder
+# kernel's figures are an entry's "decoder", versioned on their own and measured only when a
+# prediction needs them (decoder_figures).
 PROBE_VERSION = 7
 _KERNEL_ONLY_VERSION = 6
+DECODER_PROBE_VERSION = 1
 _UNCACHED: dict = {}  # fingerprint -> figures measured on a busy machine, this process only
 
 
@@ -546,17 +707,69 @@ def measure_cpu(n_devices: int = 1, method: str = "auto") -> dict:
     return entry
 
 
+def _read_cache() -> dict:
+    try:
+        return json.loads((cache_dir() / "hardware.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(cached: dict) -> None:
+    path = cache_dir() / "hardware.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(cached, indent=1))
+    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+
+
+def _not_caching(log, load: float, n: int, command: str) -> None:
+    (log or (lambda line: print(line, file=sys.stderr)))(
+        f"hpllm: not caching these figures: load average {load:.2f} on {n} cores (other work "
+        f"is running, so they read low); measure again on an idle machine, or force it "
+        f"(`{command}`)")
+
+
+def decoder_fresh(figures: dict) -> bool:
+    """Measured by this probe on the kernel's present sources (it changes, they are stale)."""
+    return (figures.get("version") == DECODER_PROBE_VERSION
+            and figures.get("source") == decoder_source_id())
+
+
+def decoder_figures(refresh: bool = False, force: bool = False, log=None) -> dict:
+    """The fused decoder kernel's figures (measure_decoder, with the load and date): cached
+    in this CPU's entry as "decoder" while the kernel's sources are the same, else measured
+    now and cached unless the machine is busy and not `force` (as cpu_figures). {} where
+    the kernel is not available."""
+    fingerprint = _cpu_fingerprint()
+    figures = (_read_cache().get(fingerprint) or {}).get("decoder") or {}
+    if decoder_fresh(figures) and not refresh:
+        return figures
+    uncached = _UNCACHED.get(("decoder", fingerprint))
+    if uncached is not None and not refresh and not force:
+        return uncached
+    load, n = load_average(), cores()
+    figures = measure_decoder()
+    if not figures:
+        return {}
+    figures.update(version=DECODER_PROBE_VERSION, load_average=list(load),
+                   busy=is_busy(load[0], n), measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if figures["busy"] and not force:
+        _UNCACHED[("decoder", fingerprint)] = figures
+        _not_caching(log, load[0], n, "hpllm hw --decoder --force")
+        return figures
+    cached = _read_cache()  # again: another process may have written it meanwhile
+    cached.setdefault(fingerprint, {})["decoder"] = figures
+    _write_cache(cached)
+    return figures
+
+
 def cpu_figures(refresh: bool = False, force: bool = False, log=None) -> dict:
     """This CPU's measured figures: from the cache, else measured now and cached, unless the
     machine is busy and not `force` (then kept for this process only, and `log` says so in
-    one line; default: stderr). The result's "cached" says which."""
-    path = cache_dir() / "hardware.json"
+    one line; default: stderr). The result's "cached" says which. The decoder kernel's
+    figures ("decoder", see decoder_figures) are kept as they are."""
     fingerprint = _cpu_fingerprint()
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    entry = cached.get(fingerprint) or {}
+    entry = _read_cache().get(fingerprint) or {}
     n_devices = len(jax.local_devices())
     gather_key = f"all_gather_bandwidth_{n_devices}dev"
     fresh = entry.get("probe_version") == PROBE_VERSION and (
@@ -575,19 +788,16 @@ def cpu_figures(refresh: bool = False, force: bool = False, log=None) -> dict:
     if fresh:  # keep the all-gather figures of other device counts
         measured = {**{k: v for k, v in entry.items() if k.startswith("all_gather")},
                     **measured}
+    if entry.get("decoder"):  # measured on its own (decoder_figures)
+        measured["decoder"] = entry["decoder"]
     if measured["busy"] and not force:
         _UNCACHED[fingerprint] = measured
-        (log or (lambda line: print(line, file=sys.stderr)))(
-            f"hpllm: not caching these figures: load average "
-            f"{measured.get('kernel_load_average', measured['load_average'])[0]:.2f}"
-            f" on {measured['cores']} cores (other work is running, so they read low); "
-            "measure again on an idle machine, or force it (`hpllm hw --refresh --force`)")
+        _not_caching(log, measured.get("kernel_load_average", measured["load_average"])[0],
+                     measured["cores"], "hpllm hw --refresh --force")
         return dict(measured, cached=False)
+    cached = _read_cache()  # again: another process may have written it meanwhile
     cached[fingerprint] = measured
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(cached, indent=1))
-    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    _write_cache(cached)
     return dict(measured, cached=True)
 
 
@@ -622,7 +832,8 @@ def measured_cpu(refresh: bool = False, force: bool = False) -> Chip:
                 batched_flops=entry.get("batched_flops", {}),
                 matvec_seconds=entry.get("matvec_seconds", {}),
                 paged_attention_flops=entry.get("paged_attention_flops", {}),
-                decode_attention_flops=entry.get("decode_attention_flops", 0.0))
+                decode_attention_flops=entry.get("decode_attention_flops", 0.0),
+                decoder=entry["decoder"] if decoder_fresh(entry.get("decoder") or {}) else {})
 
 
 def current_chip() -> Chip:

@@ -1,5 +1,9 @@
 """Run the workload a roofline prediction describes and time it: the "profile" half of
-predict-then-measure. Random weights and tokens: timing does not depend on their values."""
+predict-then-measure. Random weights and tokens: timing does not depend on their values.
+
+Decode and engine steps run on the backend hpllm itself would choose (`step_backend`):
+on CPU, where it supports the model, the fused decoder kernel that generate() and the
+engine run (hpllm/kernels/cpu_decoder.py), else XLA's program; `backend` forces one."""
 
 from __future__ import annotations
 
@@ -11,13 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from hpllm.compress.quantize import quantize_params
-from hpllm.config import Config, apply_overrides
+from hpllm.config import Config, ConfigError, apply_overrides
+from hpllm.infer.generate import KERNEL_BLOCK_SIZE, kernel_unsupported
 from hpllm.infer.paged_model import PagedModel
+from hpllm.infer.ragged import SMALLEST_TOKEN_BUCKET, FlatBatch
 from hpllm.infer.sampling import pow2_bucket
 from hpllm.model.kv_cache import DenseKVCache
 from hpllm.model.transformer import count_params, forward, init_params, unstack_layers
 from hpllm.perf import roofline, sizing
-from hpllm.perf.hardware import time_calls
+from hpllm.perf.hardware import decoder_figures, time_calls
 from hpllm.perf.profile import profile
 from hpllm.perf.roofline import Workload
 from hpllm.train.data import random_batch
@@ -29,9 +35,45 @@ def _median_seconds(run, repeats: int) -> float:
     return float(np.median(time_calls(run, repeats)))
 
 
-def measure_step(config: Config, workload: Workload, repeats: int = 5, quant: str = "") -> float:
+BACKENDS = ("auto", "kernel", "xla")
+
+
+def _abstract_params(model, dtype, quant: str):
+    """The parameter tree's shapes and dtypes (nothing allocated), quantized by `quant`."""
+    return jax.eval_shape(lambda key: (quantize_params(init_params(model, key, dtype), quant)
+                                       if quant else init_params(model, key, dtype)),
+                          jax.random.key(0))
+
+
+def step_backend(config: Config, workload: Workload, quant: str = "",
+                 requested: str = "auto") -> str:
+    """"kernel" or "xla": what a decode or engine step of `workload` runs on, as generate()
+    and EngineCore choose it ("auto": the fused CPU decoder kernel wherever it runs the
+    model; "kernel" where it cannot is a ConfigError). Training and prefill: "xla"."""
+    if requested not in BACKENDS:
+        raise ConfigError(f"backend must be {', '.join(BACKENDS)}, got {requested!r}")
+    if not workload.decoding or requested == "xla":
+        if requested == "kernel":
+            raise ConfigError(f"the fused decoder kernel runs decode and engine steps, not "
+                              f"{workload.kind}")
+        return "xla"
+    dtype = jnp.dtype(config.train.compute_dtype)
+    reason = kernel_unsupported(_abstract_params(config.model, dtype, quant), config.model,
+                                dtype)
+    if reason is None and quant not in roofline.KERNEL_FORMATS:
+        reason = f"no kernel prediction for {quant} weights"
+    if reason is None:
+        return "kernel"
+    if requested == "kernel":
+        raise ConfigError(f"--backend kernel: {reason}")
+    return "xla"
+
+
+def measure_step(config: Config, workload: Workload, repeats: int = 5, quant: str = "",
+                 backend: str = "xla") -> float:
     """Median seconds of one step of `workload` on the default device (inference: with the
-    matmul weights quantized by `quant`, as `--quant` loads a model)."""
+    matmul weights quantized by `quant`, as `--quant` loads a model; decode and engine steps
+    through `backend`, "kernel" (the fused CPU decoder) or "xla")."""
     if workload.kind == "train":
         config = apply_overrides(config, {"batch_size": workload.batch,
                                           "seq_len": workload.seq_len})
@@ -54,6 +96,8 @@ def measure_step(config: Config, workload: Workload, repeats: int = 5, quant: st
     params = init_params(model, jax.random.key(0), dtype)
     if quant:
         params = quantize_params(params, quant)
+    if backend == "kernel":
+        return _kernel_step_seconds(params, model, workload, repeats)
     if workload.kind == "engine":
         return _engine_step_seconds(params, model, workload, dtype, repeats)
     if workload.kind == "decode":
@@ -98,15 +142,58 @@ def _engine_step_seconds(params, model, workload: Workload, dtype, repeats: int,
     return _median_seconds(lambda: paged.run(tokens, positions, tables, last), repeats)
 
 
+def _kernel_step_seconds(params, model, workload: Workload, repeats: int) -> float:
+    """Median seconds of the fused decoder kernel's step as hpllm runs it (the engine's
+    PagedModel.run_ragged, with its host-to-device copies): `batch` sequences of `context`
+    tokens, one new token each. Decode: generate()'s one-sequence pool (blocks of
+    KERNEL_BLOCK_SIZE, sized to the context's power-of-two bucket); engine: blocks of 16, the
+    table as wide as the model's max_seq_len, tokens padded to a power of two from the
+    engine's smallest bucket and logits rows to a power of two."""
+    b, context = workload.batch, workload.context
+    if workload.kind == "engine":
+        block_size, tokens = 16, max(pow2_bucket(b), SMALLEST_TOKEN_BUCKET)
+        rows, width = pow2_bucket(b), pow2_bucket(-(-model.max_seq_len // 16), 4)
+        own = -(-context // block_size)  # blocks of each sequence
+    else:
+        block_size, tokens, rows = KERNEL_BLOCK_SIZE, b, b
+        own = width = -(-pow2_bucket(context, 256, model.max_seq_len) // block_size)
+    paged = PagedModel(params, model, 1 + b * own, block_size, backend="kernel")
+    tables = np.zeros((b, width), np.int32)
+    tables[:, :own] = 1 + np.arange(b * own).reshape(b, own)
+    positions = np.full(tokens, -1, np.int32)
+    positions[:b] = context - 1
+    seq_index = np.zeros(tokens, np.int32)
+    seq_index[:b] = np.arange(b)
+    index = np.zeros(rows, np.int32)
+    index[:b] = np.arange(b)
+    batch = FlatBatch(np.zeros(tokens, np.int32), positions, seq_index, tables, index)
+    return _median_seconds(lambda: paged.run_ragged(batch), repeats)
+
+
 def compare(config: Config, workload: Workload, chip, mesh=None, *, measure: bool = False,
-            repeats: int = 5, quant: str = "") -> dict:
-    """Prediction (and, with `measure`, the measured median beside it) as text and JSON."""
+            repeats: int = 5, quant: str = "", backend: str = "auto") -> dict:
+    """Prediction (and, with `measure`, the measured median beside it) as text and JSON;
+    decode and engine steps of the backend step_backend chooses (kernel predictions need
+    the chip's measured decoder figures: other chips, or none measured, predict XLA's)."""
     mesh = mesh or roofline.MeshShape()
     m = config.model
+    requested, backend = backend, step_backend(config, workload, quant, backend)
+    if backend == "kernel" and chip.measured and not chip.decoder:  # this CPU: measure them
+        chip = dataclasses.replace(chip, decoder=decoder_figures())
+    figures = (chip.decoder or {}).get("stream_bandwidth", {})
+    if backend == "kernel" and roofline.KERNEL_FORMATS[quant] not in figures:
+        if requested == "kernel":
+            raise ConfigError(f"no measured figures of the fused decoder kernel for "
+                              f"{chip.name}: `hpllm hw --decoder` measures them")
+        backend = "xla"  # another chip (--chip), or none measured: XLA's program
     pred = roofline.predict(m, workload, chip, mesh, param_dtype=config.train.param_dtype,
                             compute_dtype=config.train.compute_dtype, remat=config.train.remat,
-                            attention=m.attention, model_name=config.preset, quant=quant)
+                            attention=m.attention, model_name=config.preset, quant=quant,
+                            backend=backend)
     lines = [pred.table()]
+    if workload.decoding:
+        lines.append(f"backend: {backend}" + (" (the fused CPU decoder kernel generate() and "
+                                              "the engine run)" if backend == "kernel" else ""))
     n_params = count_params(m)
     length = workload.context if workload.decoding else workload.seq_len
     kv = sizing.kv_cache_bytes(m.n_layers, m.n_kv_heads, m.head_dim, length)
@@ -120,11 +207,12 @@ def compare(config: Config, workload: Workload, chip, mesh=None, *, measure: boo
                      f"tokens per chip per step; tensor parallelism compute-bound up to "
                      f"{sizing.tensor_parallel_max_degree(m.hidden_dim, chip):.2g}-way")
     lines.append("; ".join(sizes))
-    out = dict(pred.to_dict(), config=dataclasses.asdict(m), quant=quant,
+    out = dict(pred.to_dict(), config=dataclasses.asdict(m), quant=quant, backend=backend,
                weight_bytes=sum(roofline.matmul_weight_bytes(
                    m, config.train.compute_dtype, quant).values()))
     if measure:
-        measured = measure_step(config, workload, repeats=repeats, quant=quant)
+        measured = measure_step(config, workload, repeats=repeats, quant=quant,
+                                backend=backend)
         err = (pred.step_s - measured) / measured
         mfu = pred.model_flops / measured / pred.peak_flops
         mbu = pred.bytes / measured / pred.bandwidth

@@ -123,6 +123,22 @@ def _custom_gemm_flops(ins: Instr, instrs: dict[str, Instr]) -> float:
     return 2.0 * out * k
 
 
+# hpllm's CPU training attention (kernels/cpu_attention.py): fwd(q, k, v, ...) and
+# bwd(q, k, v, out, d_out, ...), q (B, S, H, D) and k, v (B, T, KV, D).
+ATTENTION_TARGET = "hpllm_attention_"
+
+
+def _custom_attention_flops(ins: Instr, instrs: dict[str, Instr]) -> float:
+    """FLOPs of the attention kernel's call over the whole S x T square (as the dense
+    reference's dots count it): forward QK^T and PV, 4 x B H S T D; backward (FlashAttention
+    -2) recomputes QK^T and forms dP, dV, dQ, dK, 10 x B H S T D."""
+    operands = [instrs.get(o) for o in ins.operands[:2]]
+    if None in operands or not all(shapes(o.type_text) for o in operands):
+        return 0.0
+    (b, s, h, d), t = shapes(operands[0].type_text)[0][1], shapes(operands[1].type_text)[0][1][1]
+    return (10.0 if "bwd" in ins.custom_call_target else 4.0) * b * h * s * t * d
+
+
 def _is_attention(scope: str) -> bool:
     return "attention" in re.split(r"[/()]", scope)
 
@@ -215,6 +231,8 @@ def _cost(ins: Instr, instrs: dict[str, Instr], inner) -> OpCost:
         flops, category = _dot_flops(ins, instrs), "matmul"
     elif op == "custom-call" and MATMUL_TARGET.search(ins.custom_call_target):
         flops, category = _custom_gemm_flops(ins, instrs), "matmul"
+    elif op == "custom-call" and ins.custom_call_target.startswith(ATTENTION_TARGET):
+        flops, category = _custom_attention_flops(ins, instrs), "attention"
     elif op in COLLECTIVES or any(op.startswith(c) for c in COLLECTIVES):
         category = "collectives"
     elif op in _MOVEMENT:

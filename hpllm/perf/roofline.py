@@ -290,12 +290,19 @@ def grad_all_reduce(grad_bytes: float, n: int, bandwidth: float) -> Collective:
 
 def predict(model: ModelConfig, workload: Workload, chip, mesh: MeshShape = MeshShape(), *,
             param_dtype: str = "float32", compute_dtype: str = "bfloat16", remat: str = "none",
-            attention: str = "reference", model_name: str = "model", quant: str = "") -> Prediction:
+            attention: str = "reference", model_name: str = "model", quant: str = "",
+            backend: str = "xla") -> Prediction:
     """The roofline prediction of one step of `workload` on `mesh` devices of `chip`, with
-    the matmul weights quantized by `quant` (QUANT_ROW_BYTES; "" float)."""
+    the matmul weights quantized by `quant` (QUANT_ROW_BYTES; "" float). backend "kernel":
+    a decode or engine step through the fused CPU decoder kernel (kernel_prediction), from
+    the chip's measured decoder figures; "xla": XLA's program of the model."""
     c, w = model, workload
     if quant and w.kind == "train":
         raise ValueError("quantized weights are for inference workloads, not train")
+    if backend not in ("xla", "kernel"):
+        raise ValueError(f"backend must be xla or kernel, got {backend!r}")
+    if backend == "kernel":
+        return kernel_prediction(c, w, chip, quant=quant, model_name=model_name)
     stored = matmul_weight_bytes(c, compute_dtype, quant)
     cb, pb = _BYTES[compute_dtype], _BYTES[param_dtype]
     peak, bw = chip.peak(compute_dtype), chip.hbm_bandwidth
@@ -480,6 +487,91 @@ def predict(model: ModelConfig, workload: Workload, chip, mesh: MeshShape = Mesh
         useful = (2 * p_mm + 4 * c.n_layers * c.n_heads * hd * w.context) * tokens_dev
     return Prediction(model_name, w, mesh, chip.name, peak, bw, terms, coll, memory, notes,
                       useful / mesh.tensor)
+
+
+# ------------------------------------------------------------- the fused CPU decoder
+# generate() and the engine run a CPU decode step as one FFI call (kernels/cpu_decoder.py):
+# per layer a few phases, each streaming one fused weight matrix with every thread and ending
+# in a barrier. Every term's rate is the kernel's own, timed on it (hardware.measure_decoder).
+KERNEL_FORMATS = {"": "float32", "int8": "int8"}  # --quant -> the kernel's weight format
+ENGINE_MIN_TOKENS = 8  # the engine pads a step's tokens to a power of two from 8
+
+
+def kernel_rows(workload: Workload) -> tuple[int, int]:
+    """(tokens, logits rows) of the kernel's step: decode runs its batch as is; the engine
+    pads tokens to a power of two from ENGINE_MIN_TOKENS and logits rows to a power of two."""
+    if workload.kind != "engine":
+        return workload.batch, workload.batch
+    pow2 = 1 << max(0, workload.batch - 1).bit_length()
+    return max(pow2, ENGINE_MIN_TOKENS), pow2
+
+
+def kernel_prediction(config: ModelConfig, workload: Workload, chip, *, quant: str = "",
+                      model_name: str = "model") -> Prediction:
+    """The fused CPU decoder kernel's step (decode or engine) from the chip's decoder figures
+    (chip.decoder, measured on the kernel): the weights of every phase at the kernel's
+    streaming rate for their format, or at its FLOP/s for the step's token count where that
+    is slower; attention FLOPs at its attention rate at that many tokens; each layer's fixed
+    cost (its phases' barriers) and the call's. The memory's bandwidth only for the
+    elementwise traffic. ValueError where the kernel does not run it or nothing was measured."""
+    c, w = config, workload
+    figures = chip.decoder or {}
+    if not w.decoding:
+        raise ValueError("the fused decoder kernel runs decode and engine steps")
+    if quant not in KERNEL_FORMATS:
+        raise ValueError(f"the fused decoder kernel has no {quant!r} weights")
+    fmt = KERNEL_FORMATS[quant]
+    if fmt not in figures.get("stream_bandwidth", {}):
+        raise ValueError(f"no measured decoder-kernel figures for {fmt} weights on "
+                         f"{chip.name} (`hpllm hw --refresh`)")
+    tokens, rows = kernel_rows(w)
+    stored = matmul_weight_bytes(c, "float32", quant)
+    stream = figures["stream_bandwidth"][fmt]
+    bw, notes = chip.hbm_bandwidth, []
+
+    def rate(table: dict, m: int) -> float:  # at the fewest measured rows >= m, else largest
+        if not table:
+            raise ValueError(f"no measured decoder-kernel figures for {fmt} weights on "
+                             f"{chip.name} (`hpllm hw --decoder`)")
+        return _rate_at_rows(table, m) or table[max(table, key=int)]
+
+    hd, kvd = c.head_dim, c.n_kv_heads * c.head_dim
+    layer_flops = 2 * tokens * (matmul_params(c) - c.dim * c.vocab_size)
+    head_flops = 2 * rows * c.dim * c.vocab_size
+    weights = Term("weight matmuls", layer_flops, stored["layers"])
+    head = Term("output projection", head_flops, stored["output"])
+    for t, m in ((weights, tokens), (head, rows)):
+        t.memory_s = t.bytes / stream
+        t.compute_s = t.flops / rate(figures["matmul_flops"][fmt], m)
+    attention_flops = 4 * w.batch * c.n_layers * c.n_heads * hd * w.context
+    kv_bytes = 2 * w.batch * c.n_layers * w.context * kvd * 4
+    attn = Term("attention (KV read)", attention_flops, kv_bytes)
+    attn.compute_s = attention_flops / rate(figures["attention_flops"], tokens)
+    attn.memory_s = kv_bytes / bw
+    ew_elems = c.n_layers * (6 * c.dim + 2 * (c.n_heads * hd + kvd) + 3 * c.hidden_dim)
+    elementwise = Term("elementwise", 8 * tokens * ew_elems, 2 * tokens * ew_elems * 4)
+    elementwise.memory_s = elementwise.bytes / bw
+    layers = Term("layer phases", 0.0, 0.0)
+    layers.overhead_s = c.n_layers * rate(figures["layer_s"], tokens)
+    call = Term("call", 0.0, 0.0)
+    call.overhead_s = rate(figures["call_s"], tokens)
+    terms = [weights, head, attn, elementwise, layers, call]
+    notes.append(f"fused CPU decoder kernel, {fmt} weights, {tokens} tokens ({rows} logits "
+                 f"rows): weights stream at its measured {stream / 1e9:.1f} GB/s, compute at "
+                 f"{rate(figures['matmul_flops'][fmt], tokens) / 1e9:.0f} GFLOP/s at {tokens} "
+                 f"tokens; attention at {rate(figures['attention_flops'], tokens) / 1e9:.1f} "
+                 f"GFLOP/s; {layers.overhead_s / c.n_layers * 1e6:.1f} us per layer of phase "
+                 f"barriers, {call.overhead_s * 1e6:.0f} us per call (hpllm hw, measured "
+                 f"on the kernel)")
+    memory = {"params": stored["layers"] + stored["output"] + c.n_layers * 2 * c.dim * 4,
+              "kv_cache": kv_bytes,
+              "activations": tokens * (c.dim * 4) + rows * c.vocab_size * 4}
+    memory["total"] = sum(memory.values())
+    memory["capacity"] = chip.hbm_bytes
+    useful = (2 * matmul_params(c) + 4 * c.n_layers * c.n_heads * hd * w.context) * w.batch
+    peak = chip.peak("float32")
+    return Prediction(model_name, w, MeshShape(), chip.name, peak, bw, terms, [], memory,
+                      notes, useful)
 
 
 def batched_rate(chip, kind: str, rows: int) -> float:

@@ -3,12 +3,14 @@
 The state (hpllm/train/state.py) holds master weights in `param_dtype` (float32 by default);
 the forward pass casts them to `compute_dtype`, so the gradients and the optimizer update
 stay in the master precision. On CPU with bf16 compute, the model's projections (forward
-and both gradients) run on the AVX512-BF16 kernel of hpllm/kernels/cpu_matmul.py
-(`cpu_kernels`; docs/perf/train_cpu.md has the measurements).
+and both gradients) run on the AVX512-BF16 kernel of hpllm/kernels/cpu_matmul.py and its
+causal attention on hpllm/kernels/cpu_attention.py (`cpu_kernels`; docs/perf/train_cpu.md
+has the measurements).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from hpllm.config import Config, ModelConfig
-from hpllm.kernels import cpu_matmul
+from hpllm.kernels import cpu_attention, cpu_matmul
 from hpllm.model import moe
 from hpllm.model.transformer import decoder_stack, embed, head, unstack_layers
 from hpllm.parallel import sharding
@@ -126,16 +128,27 @@ def loss_fn(params, batch, config: Config):
     return ce + config.model.router_aux_weight * aux["aux_loss"], aux
 
 
-def _kernel_routing(config: Config, cpu_kernels: bool):
-    """The context in which the step is traced: the CPU bf16 matmul kernel for the model's
-    projections when asked, the compute dtype is bf16 and no mesh shards the step (the
-    kernel is one device's; XLA partitions its own dots)."""
-    return cpu_matmul.routing(cpu_kernels and config.train.compute_dtype == "bfloat16"
-                              and sharding.context_mesh() is None)
+CPU_KERNELS = ("matmul", "attention")
+
+
+@contextlib.contextmanager
+def _kernel_routing(config: Config, cpu_kernels):
+    """The context in which the step is traced: the CPU bf16 kernels ("matmul" for the
+    model's projections, "attention"; cpu_kernels True = all, False = none, or a collection
+    of those names) when the compute dtype is bf16 and no mesh shards the step (the kernels
+    are one device's; XLA partitions its own ops)."""
+    names = set(CPU_KERNELS if cpu_kernels is True else cpu_kernels or ())
+    if names - set(CPU_KERNELS):
+        raise ValueError(f"unknown CPU kernels {sorted(names - set(CPU_KERNELS))}; "
+                         f"known: {', '.join(CPU_KERNELS)}")
+    on = config.train.compute_dtype == "bfloat16" and sharding.context_mesh() is None
+    with cpu_matmul.routing(on and "matmul" in names), \
+            cpu_attention.routing(on and "attention" in names):
+        yield
 
 
 def train_step(state: dict, batch: dict, config: Config, *,
-               cpu_kernels: bool = True) -> tuple[dict, dict]:
+               cpu_kernels=True) -> tuple[dict, dict]:
     scale = loss_scale_of(state["opt_state"], config.train)  # float16: gradients stay in range
 
     def scaled_loss(params):
@@ -155,7 +168,7 @@ def train_step(state: dict, batch: dict, config: Config, *,
     return new_state, metrics
 
 
-def eval_step(params, batch: dict, config: Config, *, cpu_kernels: bool = True) -> dict:
+def eval_step(params, batch: dict, config: Config, *, cpu_kernels=True) -> dict:
     """Sums over the batch, so evaluations over many batches add up exactly."""
     with _kernel_routing(config, cpu_kernels):
         nll = token_nll(params, batch, config)
@@ -165,14 +178,15 @@ def eval_step(params, batch: dict, config: Config, *, cpu_kernels: bool = True) 
 
 
 def jit_train_step(config: Config, mesh=None, rules=None, *, opt_memory_kind=None,
-                   cpu_kernels: bool = True):
+                   cpu_kernels=True):
     """The whole step under one jit; the old state's buffers are donated to the new one.
     With a mesh (`hpllm.parallel.mesh.make_mesh`): the state stays in its sharded layout
     (`hpllm.train.state.state_shardings`), batch rows are split over the batch axes,
     activations follow the sharding rules, and XLA inserts the collectives.
     opt_memory_kind="pinned_host": the optimizer state lives in host memory (state from
     `init_sharded_state(..., opt_memory_kind=...)`), copied in for the update and back.
-    cpu_kernels=False: XLA's dots only (the same-run baseline of bench/train_step.py)."""
+    cpu_kernels=False: XLA's ops only (the same-run baseline of bench/train_step.py); a
+    collection of CPU_KERNELS names: those kernels only."""
     step = functools.partial(train_step, config=config, cpu_kernels=cpu_kernels)
     if mesh is None:
         return jax.jit(step, donate_argnums=0)

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "parallel_chunks.h"
+#include "vec_math.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
@@ -47,20 +48,8 @@ constexpr int kMR = 6;       // rows of A per register tile
 constexpr int kNR = 64;      // columns of B per panel (4 x 16 float32 lanes)
 constexpr int64_t kMC = 96;  // rows of A per claimed task (16 tiles against one B panel)
 
-inline float Bf16ToF32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t F32ToBf16(float f) {  // round to nearest even; NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+using hpllm::Bf16ToF32;  // vec_math.h
+using hpllm::F32ToBf16;
 
 // ----------------------------------------------------------------------- scratch buffers
 // Packed B and copied A live in buffers reused across calls: fresh multi-MB allocations

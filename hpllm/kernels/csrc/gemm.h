@@ -19,6 +19,10 @@
 //     (L2-sized) and every MR-row tile of x runs over it, K in chunks that keep the tile in L1;
 //   - from 48 rows (prefill chunks; AVX-512): the panel is packed k-major in strips of 16 rows
 //     and an outer-product 12 x 32 tile runs over it (no horizontal sums).
+// Where VNNI is compiled in (and, same integer arithmetic, in the scalar build), two integer
+// paths replace those for quantized weights, x quantized once per call (see "integer paths"):
+//   - INT4, up to kQ4MaxRows rows: x to int8 per 8 k, vpdpbusd on the stored nibbles;
+//   - INT8, from kI16MinRows rows: x to int16 per row, vpdpwssd on the sign-extended codes.
 // docs/perf/cpu_gemm.md has the measurements behind each choice.
 // AVX-512 (F + BW + VL) where the compiler targets it, AVX2 + FMA, and a scalar fallback for a
 // portable (-march=x86-64) build.
@@ -444,6 +448,412 @@ inline void PackStrip(const float* rows, int64_t r, int64_t K, float* strip) {
 }
 #endif
 
+// ------------------------------------------------------------------ integer paths (x quantized)
+// Two paths multiply the integer weight codes by x quantized once per call (thread-local
+// scratch), where VNNI is compiled in (vpdpbusd, vpdpwssd) and, with the same integer
+// arithmetic, in the scalar (portable) build; AVX2 and AVX-512 without VNNI keep the float
+// paths above. Only the float rounding order differs between the builds.
+#if defined(HPLLM_GEMM_VNNI) || !(defined(HPLLM_GEMM_AVX512) || defined(HPLLM_GEMM_AVX2))
+#define HPLLM_GEMM_INT_PATHS 1
+#endif
+
+inline uint8_t* Scratch(size_t bytes) {
+  thread_local std::vector<uint8_t> buffer;
+  if (buffer.size() < bytes) buffer.resize(bytes);
+  return buffer.data();
+}
+
+// int4 weights x int8 x (few rows: decode). Converting nibbles to floats bound the float path
+// at ~10 GB/s of codes per core; here the stored codes (code + 8, 0..15) are the unsigned
+// operand of vpdpbusd as they are. x is stored in blocks of 128 k, even and odd k apart, so
+// that one block's 64 bytes of codes split into low nibbles (even k) against the even x codes
+// and high nibbles (odd k) against the odd ones: each 32-bit lane then sums 8 consecutive k,
+// inside one weight group when group_size % 8 == 0. Each lane has its own x scale (int8 per
+// 8 k, d = max|x| / 127): the lane's sum is scaled in float anyway, so finer scales cost
+// nothing here, and per 128 k cost SmolLM2 int4 +1.5 % perplexity. The + 8 is removed by
+// starting each lane at -8 * the sum of its x codes.
+// Block layout (kQ4Bytes): 64 int8 even-k codes, 64 odd-k codes, 16 int32 lane offsets, 16 d.
+constexpr int64_t kQ4Block = 128, kQ4Bytes = 256;
+// Rows of x up to which INT4 takes this path: measured per core 1.2-3x the float panels at
+// M = 12-64 (K = 576 / 1536); the packed float panels take over from 48 rows for prefill.
+constexpr int64_t kQ4MaxRows = 47;
+inline bool Int4Fast(int64_t g) {
+  return g >= 8 && g % 8 == 0 && (kQ4Block % g == 0 || g % kQ4Block == 0);
+}
+
+#if defined(HPLLM_GEMM_VNNI)
+inline __mmask64 ByteMask(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1; }
+#endif
+
+inline void QuantizeQ4Row(const float* x, int64_t K, uint8_t* out) {
+  for (int64_t k0 = 0; k0 < K; k0 += kQ4Block, out += kQ4Bytes) {
+    const int64_t r = std::min(kQ4Block, K - k0);
+    int8_t* even = reinterpret_cast<int8_t*>(out);
+    int8_t* odd = even + 64;
+    float d[16];
+#if defined(HPLLM_GEMM_VNNI)
+    __m512 v[8];
+    for (int i = 0; i < 8; ++i) {
+      const int64_t left = r - 16 * i;
+      v[i] = left >= 16 ? _mm512_loadu_ps(x + k0 + 16 * i)
+             : left > 0 ? _mm512_maskz_loadu_ps(Mask16(static_cast<int>(left)), x + k0 + 16 * i)
+                        : _mm512_setzero_ps();
+    }
+    alignas(64) float amax8[128];  // each k: the max |x| of its 8
+    __m512 inv[8];
+    for (int i = 0; i < 8; ++i) {
+      __m512 a = _mm512_abs_ps(v[i]);
+      a = _mm512_max_ps(a, _mm512_permute_ps(a, _MM_SHUFFLE(2, 3, 0, 1)));
+      a = _mm512_max_ps(a, _mm512_permute_ps(a, _MM_SHUFFLE(1, 0, 3, 2)));
+      a = _mm512_max_ps(a, _mm512_shuffle_f32x4(a, a, _MM_SHUFFLE(2, 3, 0, 1)));
+      _mm512_store_ps(amax8 + 16 * i, a);
+      inv[i] = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                   _mm512_set1_ps(127.0f), a);
+    }
+    for (int l = 0; l < 16; ++l) d[l] = amax8[8 * l] / 127.0f;
+    auto codes16 = [&](int i) {  // 16 codes of k 16 i .. as int16
+      return _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv[i])));
+    };
+    for (int i = 0; i < 4; ++i) {  // k 32 i .. 32 i + 31 as int16 pairs (even k low)
+      const __m512i z =
+          _mm512_inserti64x4(_mm512_castsi256_si512(codes16(2 * i)), codes16(2 * i + 1), 1);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(even + 16 * i), _mm512_cvtepi32_epi8(z));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(odd + 16 * i),
+                       _mm512_cvtepi32_epi8(_mm512_srai_epi32(z, 16)));
+    }
+    const __m512i eights = _mm512_set1_epi8(8);
+    const __m512i sums = _mm512_dpbusd_epi32(
+        _mm512_dpbusd_epi32(_mm512_setzero_si512(), eights, _mm512_loadu_si512(even)), eights,
+        _mm512_loadu_si512(odd));
+    _mm512_storeu_si512(out + 128, _mm512_sub_epi32(_mm512_setzero_si512(), sums));
+#else
+    int32_t off[16];
+    float inv[16];
+    for (int l = 0; l < 16; ++l) {
+      float amax = 0.0f;
+      for (int64_t i = 8 * l; i < std::min<int64_t>(r, 8 * l + 8); ++i)
+        amax = std::max(amax, std::fabs(x[k0 + i]));
+      d[l] = amax / 127.0f, inv[l] = amax > 0.0f ? 127.0f / amax : 0.0f, off[l] = 0;
+    }
+    for (int64_t j = 0; j < kQ4Block; ++j) {
+      // nearbyint(x * inv) in float, as _mm512_cvtps_epi32 rounds; |x * inv| <= 127
+      const int q = j < r ? static_cast<int>(std::nearbyint(x[k0 + j] * inv[j / 8])) : 0;
+      const int c = std::min(127, std::max(-127, q));
+      (j % 2 ? odd : even)[j / 2] = static_cast<int8_t>(c);
+      off[j / 8] -= 8 * c;
+    }
+    std::memcpy(out + 128, off, 64);
+#endif
+    std::memcpy(out + 192, d, 64);
+  }
+}
+
+// out[m][j] = sum_k x~[m, k] * code[n + j, k] * scale[n + j, k / g], x~ the quantized x.
+struct Q4Args {
+  const uint8_t* px;  // x rows quantized by QuantizeQ4Row, prow bytes apart, nb blocks each
+  int64_t prow, nb;
+  const uint8_t* w;  // int4 weight rows, ldw bytes apart
+  int64_t ldw;
+  const float* scale;  // (N, groups)
+  const float* scale_end;
+  int64_t groups, g;
+  int64_t ahead;  // bytes ahead to prefetch: ~6 KB of rows (one tile of short rows is too near)
+};
+
+#if defined(HPLLM_GEMM_VNNI)
+// Block b of weight row `row` (already offset by 64 b bytes): the low and high nibbles and the
+// scale of each lane; kTail: the row's last block, bytes and groups cut short (masked loads,
+// slow on Zen 5, only there).
+template <bool kTail, bool kPerm>
+inline void Q4Weights(const uint8_t* p, const float* s, int64_t bytes, __mmask16 gmask,
+                      __m512i idx, __m512i& lo, __m512i& hi, __m512& sw) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i raw = kTail ? _mm512_maskz_loadu_epi8(ByteMask(bytes), p) : _mm512_loadu_si512(p);
+  lo = _mm512_and_si512(raw, low);
+  hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+  if constexpr (!kPerm)
+    sw = _mm512_set1_ps(*s);
+  else if constexpr (kTail)
+    sw = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(gmask, s));
+  else
+    sw = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(s));
+}
+
+template <int MR, int NR, bool kTail, bool kPerm>
+inline void Q4Block(const Q4Args& a, const uint8_t* px, int64_t n, int64_t b, __m512i idx,
+                    __m512 (&acc)[MR][NR]) {
+  const int64_t gpb = a.g < kQ4Block ? kQ4Block / a.g : 1;
+  const int64_t base = a.g < kQ4Block ? b * gpb : b * kQ4Block / a.g;
+  const int64_t bytes = a.ldw - 64 * b;
+  const __mmask16 gmask = Mask16(static_cast<int>(std::min(gpb, a.groups - base)));
+  const uint8_t* w = a.w + (n * a.ldw + 64 * b);
+  const float* s = a.scale + n * a.groups + base;
+  if constexpr (MR == 1) {  // x's block in registers, one weight row at a time
+    const uint8_t* blk = px + kQ4Bytes * b;
+    const __m512i ev = _mm512_loadu_si512(blk), od = _mm512_loadu_si512(blk + 64);
+    const __m512i off = _mm512_loadu_si512(blk + 128);
+    const __m512 d = _mm512_loadu_ps(reinterpret_cast<const float*>(blk + 192));
+    for (int j = 0; j < NR; ++j) {
+      __m512i lo, hi;
+      __m512 sw;
+      Q4Weights<kTail, kPerm>(w + j * a.ldw, s + j * a.groups, bytes, gmask, idx, lo, hi, sw);
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * a.ldw + a.ahead), _MM_HINT_T0);
+      const __m512i t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(off, lo, ev), hi, od);
+      acc[0][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sw, d), acc[0][j]);
+    }
+  } else {  // the tile's weight vectors once, then every row of x
+    __m512i lo[NR], hi[NR];
+    __m512 sw[NR];
+    for (int j = 0; j < NR; ++j) {
+      Q4Weights<kTail, kPerm>(w + j * a.ldw, s + j * a.groups, bytes, gmask, idx, lo[j], hi[j],
+                              sw[j]);
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * a.ldw + a.ahead), _MM_HINT_T0);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const uint8_t* blk = px + m * a.prow + kQ4Bytes * b;
+      const __m512 d = _mm512_loadu_ps(reinterpret_cast<const float*>(blk + 192));
+      for (int j = 0; j < NR; ++j) {
+        __m512i t =
+            _mm512_dpbusd_epi32(_mm512_loadu_si512(blk + 128), lo[j], _mm512_loadu_si512(blk));
+        t = _mm512_dpbusd_epi32(t, hi[j], _mm512_loadu_si512(blk + 64));
+        acc[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sw[j], d), acc[m][j]);
+      }
+    }
+  }
+}
+#endif
+
+template <int MR, int NR>
+inline void Q4Tile(const Q4Args& a, const uint8_t* px, int64_t n, float (&out)[MR][NR]) {
+  const int64_t prow = a.prow, nb = a.nb, ldw = a.ldw, groups = a.groups, g = a.g;
+  const uint8_t* w = a.w;
+  const float* scale = a.scale;
+  const int64_t gpb = g < kQ4Block ? kQ4Block / g : 1;  // groups per block
+#if defined(HPLLM_GEMM_VNNI)
+  (void)prow, (void)groups, (void)w, (void)scale, (void)gpb;
+  alignas(64) int32_t lane_group[16];
+  for (int l = 0; l < 16; ++l) lane_group[l] = g < kQ4Block ? static_cast<int32_t>(8 * l / g) : 0;
+  const __m512i idx = _mm512_load_si512(lane_group);
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_setzero_ps();
+  // Blocks with all 64 bytes of codes, and whose 16 scales can be loaded whole (all but the
+  // last tile of the matrix), run unmasked; the rest masked.
+  int64_t full = std::min(nb, ldw / 64);
+  if (g < kQ4Block && scale + (n + NR) * groups + 16 > a.scale_end) full = 0;
+  if (g < kQ4Block) {
+    for (int64_t b = 0; b < full; ++b) Q4Block<MR, NR, false, true>(a, px, n, b, idx, acc);
+    for (int64_t b = full; b < nb; ++b) Q4Block<MR, NR, true, true>(a, px, n, b, idx, acc);
+  } else {
+    for (int64_t b = 0; b < full; ++b) Q4Block<MR, NR, false, false>(a, px, n, b, idx, acc);
+    for (int64_t b = full; b < nb; ++b) Q4Block<MR, NR, true, false>(a, px, n, b, idx, acc);
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) out[m][j] = _mm512_reduce_add_ps(acc[m][j]);
+#else
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) {
+      float total = 0.0f;
+      const uint8_t* row = w + (n + j) * ldw;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = px + m * prow + kQ4Bytes * b;
+        const int8_t* even = reinterpret_cast<const int8_t*>(blk);
+        float d[16];
+        std::memcpy(d, blk + 192, 64);
+        for (int l = 0; l < 16; ++l) {  // lane l: bytes 4 l .. 4 l + 3 of the block, 8 k
+          int32_t t;
+          std::memcpy(&t, blk + 128 + 4 * l, 4);
+          for (int i = 4 * l; i < 4 * l + 4; ++i) {
+            const int64_t byte = 64 * b + i;
+            const int u = byte < ldw ? row[byte] : 0;
+            t += (u & 0x0F) * even[i] + (u >> 4) * even[64 + i];
+          }
+          const int64_t group = g < kQ4Block ? b * gpb + 8 * l / g : b * kQ4Block / g;
+          if (group < groups)
+            total += static_cast<float>(t) * (scale[(n + j) * groups + group] * d[l]);
+        }
+      }
+      out[m][j] = total;
+    }
+#endif
+}
+
+template <int MR, int NR>
+inline void Q4TileAndPut(const Q4Args& a, const uint8_t* px, int64_t n, float* y, int64_t ldy,
+                         bool accumulate) {
+  float out[MR][NR];
+  Q4Tile<MR, NR>(a, px, n, out);
+  Put<MR, NR>(out, nullptr, n, y, ldy, accumulate);
+}
+
+template <int NR, int MR = 4>
+inline void Q4TileRows(int mr, const Q4Args& a, const uint8_t* px, int64_t n, float* y,
+                       int64_t ldy, bool accumulate) {
+  if (mr == MR)
+    Q4TileAndPut<MR, NR>(a, px, n, y, ldy, accumulate);
+  else if constexpr (MR > 1)
+    Q4TileRows<NR, MR - 1>(mr, a, px, n, y, ldy, accumulate);
+}
+
+// matmul_block for INT4 weights (Int4Fast(group_size)) through int8 x.
+inline void Int4Q8Block(const float* x, int64_t M, int64_t ldx, const WeightView& w, int64_t n0,
+                        int64_t n1, float* y, int64_t ldy, bool accumulate) {
+  const int64_t K = w.K, nb = (K + kQ4Block - 1) / kQ4Block, prow = nb * kQ4Bytes;
+  uint8_t* px = Scratch(static_cast<size_t>(M * prow));
+  for (int64_t m = 0; m < M; ++m) QuantizeQ4Row(x + m * ldx, K, px + m * prow);
+  const int64_t ldw = Int4RowBytes(w), groups = 2 * ldw / w.group_size;
+  const Q4Args a{px, prow, nb, static_cast<const uint8_t*>(w.data), ldw, w.scale,
+                 w.scale + w.N * groups, groups, w.group_size,
+                 std::max<int64_t>(8, (6144 + ldw - 1) / ldw) * ldw};
+  int64_t n = n0;
+  if (M == 1)
+    for (; n + 8 <= n1; n += 8) Q4TileAndPut<1, 8>(a, px, n, y, ldy, accumulate);
+  for (; n + 4 <= n1; n += 4)
+    for (int64_t m = 0; m < M; m += 4)
+      Q4TileRows<4>(static_cast<int>(std::min<int64_t>(4, M - m)), a, px + m * prow, n,
+                    y + m * ldy, ldy, accumulate);
+  for (; n < n1; ++n)
+    for (int64_t m = 0; m < M; m += 4)
+      Q4TileRows<1>(static_cast<int>(std::min<int64_t>(4, M - m)), a, px + m * prow, n,
+                    y + m * ldy, ldy, accumulate);
+}
+
+// int8 weights x int16 x (several rows: batched decode, prefill). x is quantized per row at 15
+// bits (d = max|x| / 32767: ~1/65534 of the row's largest value, next to the weights' own
+// 1/254 of theirs), the weight codes sign-extended to int16, and vpdpwssd sums 2 products per
+// 32-bit lane: 32 multiply-adds per instruction, twice the float FMA's 16. A lane gains at most
+// 2 * 128 * 32767 per 32 k, so the int32 sums are flushed to float every kI16Flush k.
+#ifndef HPLLM_GEMM_I16_MIN_ROWS
+#define HPLLM_GEMM_I16_MIN_ROWS 6
+#endif
+constexpr int64_t kI16MinRows = HPLLM_GEMM_I16_MIN_ROWS;  // rows of x from which INT8 takes it
+// 3 x 5 tiles: measured at M = 32-512 on Zen 5 ~1.2-1.4x 4x4, 3x6, 3x7, 4x5, 3x8, 2x8 (GCC
+// keeps 15 accumulators in registers; with 25 it spilled them every step).
+constexpr int kI16MR = 3, kI16NR = 5, kI16Wide = 8;
+constexpr int64_t kI16Flush = 4096;  // 256 products of <= 128 * 32767 per lane: < 2^31
+inline int64_t I16RowBytes(int64_t K) { return (K + 31) / 32 * 64 + 64; }  // codes, then d
+
+inline void QuantizeI16Row(const float* x, int64_t K, uint8_t* out) {
+  float amax = 0.0f;
+  int64_t k = 0;
+#if defined(HPLLM_GEMM_AVX512)
+  __m512 vmax = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  amax = _mm512_reduce_max_ps(vmax);
+#endif
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float d = amax / 32767.0f, inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+  int16_t* codes = reinterpret_cast<int16_t*>(out);
+  const int64_t kq = (K + 31) / 32 * 32;
+  k = 0;
+#if defined(HPLLM_GEMM_AVX512)
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512 hi = _mm512_set1_ps(32767.0f), lo = _mm512_set1_ps(-32767.0f);
+  for (; k + 16 <= K; k += 16) {
+    const __m512 v =
+        _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_loadu_ps(x + k), vinv)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + k),
+                        _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(v)));
+  }
+#endif
+  for (; k < kq; ++k) {
+    const float v = k < K ? std::min(32767.0f, std::max(-32767.0f, x[k] * inv)) : 0.0f;
+    codes[k] = static_cast<int16_t>(std::nearbyint(v));
+  }
+  std::memcpy(out + 2 * kq, &d, 4);
+}
+
+#if defined(HPLLM_GEMM_VNNI)
+// One 32-k step of an I16Tile; kTail: the last, masked (slow on Zen 5: only there), step.
+template <int MR, int NR, bool kTail>
+inline void I16Step(const uint8_t* px, int64_t prow, int64_t K, const int8_t* w, int64_t n,
+                    int64_t k, __m512i (&acc)[MR][NR]) {
+  __m512i wv[NR];
+  for (int j = 0; j < NR; ++j) {
+    const int8_t* p = w + (n + j) * K + k;
+    wv[j] = _mm512_cvtepi8_epi16(
+        kTail ? _mm256_maskz_loadu_epi8(static_cast<__mmask32>(ByteMask(K - k)), p)
+              : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    _mm_prefetch(reinterpret_cast<const char*>(p + NR * K), _MM_HINT_T0);  // as in Tile
+  }
+  for (int m = 0; m < MR; ++m) {
+    const __m512i xv = _mm512_loadu_si512(px + m * prow + 2 * k);
+    for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_dpwssd_epi32(acc[m][j], xv, wv[j]);
+  }
+}
+#endif
+
+// out[m][j] = sum_k x~[m, k] * q[n + j, k] (the row scales are applied by the caller).
+template <int MR, int NR>
+inline void I16Tile(const uint8_t* px, int64_t prow, int64_t K, const int8_t* w, int64_t n,
+                    float (&out)[MR][NR]) {
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) out[m][j] = 0.0f;
+  for (int64_t c0 = 0; c0 < K; c0 += kI16Flush) {
+    const int64_t c1 = std::min(K, c0 + kI16Flush);
+#if defined(HPLLM_GEMM_VNNI)
+    __m512i acc[MR][NR];
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_setzero_si512();
+    int64_t k = c0;
+    for (; k + 32 <= c1; k += 32) I16Step<MR, NR, false>(px, prow, K, w, n, k, acc);
+    if (k < c1) I16Step<MR, NR, true>(px, prow, K, w, n, k, acc);
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NR; ++j) out[m][j] += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(acc[m][j]));
+#else
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < NR; ++j) {
+        const int16_t* xq = reinterpret_cast<const int16_t*>(px + m * prow);
+        int64_t t = 0;  // one sum for the chunk's 16 lanes: int32 would overflow
+        for (int64_t k = c0; k < c1; ++k) t += static_cast<int32_t>(xq[k]) * w[(n + j) * K + k];
+        out[m][j] += static_cast<float>(t);
+      }
+#endif
+  }
+}
+
+template <int MR, int NR>
+inline void I16TileAndPut(const uint8_t* px, int64_t prow, int64_t K, const int8_t* w,
+                          int64_t n, const float* scale, float* y, int64_t ldy, bool accumulate) {
+  float out[MR][NR];
+  I16Tile<MR, NR>(px, prow, K, w, n, out);
+  const int64_t kq = (K + 31) / 32 * 32;
+  for (int m = 0; m < MR; ++m) {
+    float d;
+    std::memcpy(&d, px + m * prow + 2 * kq, 4);
+    for (int j = 0; j < NR; ++j) out[m][j] *= d;
+  }
+  Put<MR, NR>(out, scale, n, y, ldy, accumulate);
+}
+
+template <int NR, int MR = kI16MR>
+inline void I16TileRows(int mr, const uint8_t* px, int64_t prow, int64_t K, const int8_t* w,
+                        int64_t n, const float* scale, float* y, int64_t ldy, bool accumulate) {
+  if (mr == MR)
+    I16TileAndPut<MR, NR>(px, prow, K, w, n, scale, y, ldy, accumulate);
+  else if constexpr (MR > 1)
+    I16TileRows<NR, MR - 1>(mr, px, prow, K, w, n, scale, y, ldy, accumulate);
+}
+
+// matmul_block for INT8 weights on x prepared by QuantizeI16Row (rows prow bytes apart).
+inline void Int8I16Prepared(const uint8_t* px, int64_t M, const WeightView& w, int64_t n0,
+                            int64_t n1, float* y, int64_t ldy, bool accumulate) {
+  const int64_t K = w.K, prow = I16RowBytes(K);
+  const int8_t* q = static_cast<const int8_t*>(w.data);
+  int64_t n = n0;
+  if (M == 1)
+    for (; n + kI16Wide <= n1; n += kI16Wide)
+      I16TileAndPut<1, kI16Wide>(px, prow, K, q, n, w.scale, y, ldy, accumulate);
+  for (; n + kI16NR <= n1; n += kI16NR)
+    for (int64_t m = 0; m < M; m += kI16MR)
+      I16TileRows<kI16NR>(static_cast<int>(std::min<int64_t>(kI16MR, M - m)), px + m * prow, prow,
+                          K, q, n, w.scale, y + m * ldy, ldy, accumulate);
+  for (; n < n1; ++n)
+    for (int64_t m = 0; m < M; m += kI16MR)
+      I16TileRows<1>(static_cast<int>(std::min<int64_t>(kI16MR, M - m)), px + m * prow, prow, K,
+                     q, n, w.scale, y + m * ldy, ldy, accumulate);
+}
+
 // Rows of x up to which INT8 weights are converted in registers per tile rather than once per
 // panel (each extra MR-row tile converts the weight vectors again).
 constexpr int64_t kDirectRows = 2 * kMR;
@@ -461,6 +871,19 @@ inline void matmul_block(const float* x, int64_t M, int64_t ldx, const WeightVie
         if (!accumulate) y[m * ldy + n] = 0.0f;
     return;
   }
+#if defined(HPLLM_GEMM_INT_PATHS)
+  if (w.fmt == WFormat::INT4 && M <= kQ4MaxRows && Int4Fast(w.group_size)) {
+    Int4Q8Block(x, M, ldx, w, n0, n1, y, ldy, accumulate);
+    return;
+  }
+  if (w.fmt == WFormat::INT8 && M >= kI16MinRows) {  // x quantized here, once per call
+    const int64_t prow = I16RowBytes(K);
+    uint8_t* px = Scratch(static_cast<size_t>(M * prow));
+    for (int64_t m = 0; m < M; ++m) QuantizeI16Row(x + m * ldx, K, px + m * prow);
+    Int8I16Prepared(px, M, w, n0, n1, y, ldy, accumulate);
+    return;
+  }
+#endif
   if (w.fmt == WFormat::F32) {
     if (M <= kDirectRows) {
       Rows(x, M, ldx, K, F32Rows{static_cast<const float*>(w.data), K}, 0, n0, n1, nullptr, y,
@@ -689,6 +1112,35 @@ inline void matmul_block_prepared(const void* px, int64_t M, const WeightView& w
     for (int64_t m = 0; m < M; m += kPMR)
       PreparedTileRows<1>(static_cast<int>(std::min<int64_t>(kPMR, M - m)), p + m * rb, rb, K, q,
                           n, w.scale, y + m * ldy, ldy, accumulate);
+}
+
+// ------------------------------------------------------------------ int8 x int16 (prepared x)
+// What matmul_block runs for INT8 weights from gemm_detail::kI16MinRows rows of x where
+// gemm_detail::kI16Fast, with x quantized once per op instead of once per call: callers that
+// split one op into many calls (the FFI kernels) prepare x once. Rows of the scratch start at
+// m * gemm_detail::I16RowBytes(K). Any build (scalar where VNNI is absent).
+namespace gemm_detail {
+#if defined(HPLLM_GEMM_INT_PATHS)
+constexpr bool kI16Fast = true;
+#else
+constexpr bool kI16Fast = false;
+#endif
+}  // namespace gemm_detail
+
+inline size_t prepared_x16_bytes(int64_t M, int64_t K) {
+  return static_cast<size_t>(M * gemm_detail::I16RowBytes(K));
+}
+
+inline void prepare_x16(const float* x, int64_t M, int64_t K, int64_t ldx, void* scratch) {
+  uint8_t* out = static_cast<uint8_t*>(scratch);
+  for (int64_t m = 0; m < M; ++m)
+    gemm_detail::QuantizeI16Row(x + m * ldx, K, out + m * gemm_detail::I16RowBytes(K));
+}
+
+inline void matmul_block_x16(const void* px, int64_t M, const WeightView& w, int64_t n0,
+                             int64_t n1, float* y, int64_t ldy, bool accumulate) {
+  if (M <= 0 || n1 <= n0) return;
+  gemm_detail::Int8I16Prepared(static_cast<const uint8_t*>(px), M, w, n0, n1, y, ldy, accumulate);
 }
 
 }  // namespace hpllm

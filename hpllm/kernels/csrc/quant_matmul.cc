@@ -214,6 +214,42 @@ ffi::ErrorOr<Problem> MakeInt8Problem(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi:
   return problem;
 }
 
+// An int8 matmul on x prepared once per call (prepare(x, rows, K, ldx, scratch), `row_bytes`
+// per row), then block(px, M, view, n0, n1, y, ldy, accumulate) per row chunk.
+template <typename Prepare, typename Block>
+ffi::Error RunInt8Prepared(ffi::ThreadPool& pool, const Problem& p, ffi::Buffer<ffi::F32>& x,
+                           const int8_t* qd, const float* sd,
+                           ffi::Result<ffi::Buffer<ffi::F32>>& y, int64_t row_bytes,
+                           const Prepare& prepare, const Block& block) {
+  // x is quantized once per call, on the calling thread (M x K: small beside the weights).
+  const int64_t rows = p.K > 0 ? static_cast<int64_t>(x.element_count()) / p.K : 0;
+  std::vector<uint8_t> px(static_cast<size_t>(rows * row_bytes));
+  prepare(x.typed_data(), rows, p.K, p.K, px.data());
+  int64_t M = p.M, batches = p.batch.size();
+  const bool fold = p.batch.Broadcast(1) && p.batch.Broadcast(2);
+  if (fold) M *= batches, batches = 1;
+  float* yd = y->typed_data();
+  ForEachRowChunk(pool, batches, p.N, M, p.K, p.K, false,
+                  [&](int64_t b, int64_t n0, int64_t n1) {
+    const int64_t row0 = fold ? 0 : p.batch.Offset(0, b) / std::max<int64_t>(p.K, 1);
+    const uint8_t* xb = px.data() + row0 * row_bytes;
+    const hpllm::WeightView view{hpllm::WFormat::INT8, qd + (fold ? 0 : p.batch.Offset(1, b)),
+                                 sd + (fold ? 0 : p.batch.Offset(2, b)), p.N, p.K, 0};
+    block(xb, M, view, n0, n1, yd + b * M * p.N, p.N, false);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Int8MatmulVnniImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
+                              ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  auto problem = MakeInt8Problem(x, q, scale, y);
+  if (!problem) return problem.error();
+  return RunInt8Prepared(pool, *problem, x, q.typed_data(), scale.typed_data(), y,
+                         hpllm::gemm_detail::PreparedRowBytes(problem->K), hpllm::prepare_x,
+                         hpllm::matmul_block_prepared);
+}
+
 ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
                           ffi::Result<ffi::Buffer<ffi::F32>> y) {
@@ -222,6 +258,13 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const Problem& p = *problem;
   const int8_t* qd = q.typed_data();
   const float* sd = scale.typed_data();
+  const bool shared = p.batch.Broadcast(1) && p.batch.Broadcast(2);
+  if (hpllm::gemm_detail::kI16Fast && (shared ? p.M * p.batch.size() : p.M) >=
+                                          hpllm::gemm_detail::kI16MinRows) {
+    // matmul_block's int8 x int16 path, x quantized once per call rather than once per chunk
+    return RunInt8Prepared(pool, p, x, qd, sd, y, hpllm::gemm_detail::I16RowBytes(p.K),
+                           hpllm::prepare_x16, hpllm::matmul_block_x16);
+  }
   RunMatmul(pool, p, x.typed_data(), y->typed_data(), p.K, [&](int64_t b) {
     return hpllm::WeightView{hpllm::WFormat::INT8, qd + (b < 0 ? 0 : p.batch.Offset(1, b)),
                              sd + (b < 0 ? 0 : p.batch.Offset(2, b)), p.N, p.K, 0};
@@ -252,38 +295,20 @@ ffi::Error Int4MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
-ffi::Error Int8MatmulVnniImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                              ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> scale,
-                              ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  auto problem = MakeInt8Problem(x, q, scale, y);
-  if (!problem) return problem.error();
-  const Problem& p = *problem;
-  // x is quantized once per call, on the calling thread (M x K: small beside the weights).
-  const int64_t rows = p.K > 0 ? static_cast<int64_t>(x.element_count()) / p.K : 0;
-  std::vector<uint8_t> px(hpllm::prepared_x_bytes(rows, p.K));
-  hpllm::prepare_x(x.typed_data(), rows, p.K, p.K, px.data());
-  const int64_t row_bytes = hpllm::gemm_detail::PreparedRowBytes(p.K);
-  int64_t M = p.M, batches = p.batch.size();
-  const bool fold = p.batch.Broadcast(1) && p.batch.Broadcast(2);
-  if (fold) M *= batches, batches = 1;
-  const int8_t* qd = q.typed_data();
-  const float* sd = scale.typed_data();
-  float* yd = y->typed_data();
-  const Problem& pr = p;
-  ForEachRowChunk(pool, batches, p.N, M, p.K, p.K, false,
-                  [&](int64_t b, int64_t n0, int64_t n1) {
-    const int64_t row0 = fold ? 0 : pr.batch.Offset(0, b) / std::max<int64_t>(pr.K, 1);
-    const uint8_t* xb = px.data() + row0 * row_bytes;
-    const hpllm::WeightView view{hpllm::WFormat::INT8, qd + (fold ? 0 : pr.batch.Offset(1, b)),
-                                 sd + (fold ? 0 : pr.batch.Offset(2, b)), pr.N, pr.K, 0};
-    hpllm::matmul_block_prepared(xb, M, view, n0, n1, yd + b * M * pr.N, pr.N, false);
-  });
-  return ffi::Error::Success();
-}
-
 }  // namespace
 
 extern "C" int HpllmHasVnni() { return hpllm::gemm_detail::kPreparedFast ? 1 : 0; }
+
+// Where matmul_block multiplies by quantized x (for the tests' references): INT8 from this
+// many rows of x (0: never), INT4 in groups of group_size up to this many rows (0: never).
+extern "C" int64_t HpllmInt8X16MinRows() {
+  return hpllm::gemm_detail::kI16Fast ? hpllm::gemm_detail::kI16MinRows : 0;
+}
+extern "C" int64_t HpllmInt4X8MaxRows(int64_t group_size) {
+  return hpllm::gemm_detail::kI16Fast && hpllm::gemm_detail::Int4Fast(group_size)
+             ? hpllm::gemm_detail::kQ4MaxRows
+             : 0;
+}
 
 extern "C" void HpllmMatmulBlockPrepared(const float* x, int64_t M, int64_t ldx, const int8_t* w,
                                          const float* scale, int64_t N, int64_t K, int64_t n0,
