@@ -18,6 +18,7 @@ from hpllm.kernels import cpu_decoder
 from hpllm.kernels import cpu_quant_matmul as cq
 from hpllm.model.transformer import forward
 from hpllm.quantized import dequantize, is_quantized
+from test_cpu_quant_matmul import _quantized_x as quantized_x
 
 pytestmark = pytest.mark.skipif(not cpu_decoder.available(),
                                 reason="cpu_decoder kernel not built (no g++?)")
@@ -61,17 +62,8 @@ def int8_roundtrip(x: np.ndarray) -> np.ndarray:
 
 
 def int4_x(x):
-    """The x that gemm.h's int4 path multiplies at few rows (cq.int4_x8_max_rows): each row in
-    blocks of 8 k, d = max|x| / 127 and codes rint(x * (127 / max|x|)) in float32."""
-    x32 = np.asarray(x, np.float32)
-    k = x32.shape[-1]
-    blocks = np.pad(x32, [(0, 0)] * (x32.ndim - 1) + [(0, -k % 8)])
-    blocks = blocks.reshape(*x32.shape[:-1], -1, 8)
-    amax = np.abs(blocks).max(-1, keepdims=True)
-    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    codes = np.clip(np.rint(blocks * inv), -127, 127)
-    d = (amax / np.float32(127)).astype(np.float32).astype(np.float64)
-    return (codes * d).reshape(*x32.shape[:-1], -1)[..., :k]
+    """The x (S, K) that gemm.h's int4 path multiplies at few rows (cq.int4_x8_max_rows)."""
+    return quantized_x(x, 8)[0]
 
 
 def reference_logits(p: dict, config: ModelConfig, tokens: list[int],

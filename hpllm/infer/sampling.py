@@ -179,9 +179,10 @@ def sample(logits, rows: list[SampleRow], mask: np.ndarray | None = None) -> Sam
     penalties = any(p.has_penalties for p in params)
     n_top = max((p.logprobs or 0) for p in params)
     want_logprobs = any(p.logprobs is not None for p in params)
+    draw = not all(p.greedy for p in params)
 
-    if not (penalties or want_logprobs or mask is not None or any(p.logit_bias for p in params)
-            or not all(p.greedy for p in params)):
+    if not (penalties or want_logprobs or draw or mask is not None
+            or any(p.logit_bias for p in params)):
         return Sampled(_greedy(logits)[:b], None, None, None)
     arrays = row_arrays(rows, pad)
     # what runs is mostly data (lax.cond), not compiled variants: per row bucket one greedy
@@ -203,8 +204,7 @@ def sample(logits, rows: list[SampleRow], mask: np.ndarray | None = None) -> Sam
         arrays["bias_ids"], arrays["bias_values"] = _bias_arrays(params, pad,
                                                                  pow2_bucket(biases, 8))
     top = min(logits.shape[-1], max(LOGPROBS_BUCKET, pow2_bucket(n_top)))
-    out = _sample_batch(logits, arrays, penalties=penalties, n_top=top,
-                        draw=not all(p.greedy for p in params))
+    out = _sample_batch(logits, arrays, penalties=penalties, n_top=top, draw=draw)
     if not want_logprobs:  # fetch only the tokens
         return Sampled(np.asarray(out["tokens"])[:b], None, None, None)
     out = jax.device_get(out)

@@ -17,8 +17,6 @@ hpllm/kernels/native.py; HPLLM_CPU_KERNELS=0 turns it off.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 
 import jax
@@ -123,23 +121,17 @@ def attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None, variant: st
 
 # --------------------------------------------------------------------------- routing
 
-_ROUTING: contextvars.ContextVar = contextvars.ContextVar("hpllm_attention_routing",
-                                                         default=False)
+_ROUTING = native.Routing("hpllm_attention_routing", lambda: available())
 
 
-@contextlib.contextmanager
 def routing(enabled: bool = True):
     """Within this context (while a function is traced), the model's attention without a KV
     cache runs on the kernel where `routed` holds (the CPU training step enters it)."""
-    token = _ROUTING.set(bool(enabled) and jax.default_backend() == "cpu" and available())
-    try:
-        yield
-    finally:
-        _ROUTING.reset(token)
+    return _ROUTING(enabled)
 
 
 def routed(q, k) -> bool:
     """Whether routing is on and the operands are the kernel's (bf16, 4-D, GQA-shaped)."""
-    return (_ROUTING.get() and q.dtype == jnp.bfloat16 and k.dtype == jnp.bfloat16
+    return (_ROUTING.on() and q.dtype == jnp.bfloat16 and k.dtype == jnp.bfloat16
             and q.ndim == 4 and k.ndim == 4 and q.shape[2] % k.shape[2] == 0
             and q.shape[3] <= MAX_HEAD_DIM)

@@ -253,7 +253,8 @@ def collapse_to_huge_pages(arrays) -> int:
     except OSError:
         return 0
     madvise = libc.madvise
-    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
     advised = 0
     jax.block_until_ready(arrays)  # the copies written (collapse refuses pages not yet there)
     for a in arrays:

@@ -17,8 +17,6 @@ jitted code lowers to XLA's dot through `lax.platform_dependent`.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import math
 
@@ -142,18 +140,13 @@ def project_bf16(x, w, layout: str, out_dtype=jnp.bfloat16, *, variant: str = "n
 
 # --------------------------------------------------------------------- einsum routing
 
-_ROUTING: contextvars.ContextVar = contextvars.ContextVar("hpllm_bf16_routing", default=False)
+_ROUTING = native.Routing("hpllm_bf16_routing", lambda: available())
 
 
-@contextlib.contextmanager
 def routing(enabled: bool = True):
     """Within this context (while a function is traced), `bf16_project` routes eligible
     projections to the kernel."""
-    token = _ROUTING.set(bool(enabled) and jax.default_backend() == "cpu" and available())
-    try:
-        yield
-    finally:
-        _ROUTING.reset(token)
+    return _ROUTING(enabled)
 
 
 def _parse(equation: str, x_ndim: int, w_ndim: int):
@@ -190,7 +183,7 @@ def bf16_project(x, w, equation: str, preferred_element_type=None):
     """`jnp.einsum(equation, x, w)` through the kernel when routing is on (`routing()`), x
     and w are bf16 arrays, x has at least MIN_ROWS rows and the equation is a projection;
     None otherwise (the caller runs its einsum)."""
-    if not _ROUTING.get() or not isinstance(w, jax.Array):
+    if not _ROUTING.on() or not isinstance(w, jax.Array):
         return None
     if x.dtype != jnp.bfloat16 or w.dtype != jnp.bfloat16:
         return None

@@ -15,6 +15,8 @@ Of hpllm this module imports only `hpllm.cache` (where the builds are kept).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -46,6 +48,28 @@ class NativeBuildError(RuntimeError):
 def enabled() -> bool:
     """False when HPLLM_CPU_KERNELS=0 (or false/no/off): every native kernel is off."""
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class Routing:
+    """A switch a caller turns on while it traces a function (the CPU training step does),
+    under which a kernel family replaces XLA's ops for what it covers: on only on the CPU
+    backend and where `available()` (the family's kernels built and registered)."""
+
+    def __init__(self, name: str, available):
+        self._on = contextvars.ContextVar(name, default=False)
+        self._available = available
+
+    @contextlib.contextmanager
+    def __call__(self, enabled: bool = True):
+        token = self._on.set(bool(enabled) and jax.default_backend() == "cpu"
+                             and self._available())
+        try:
+            yield
+        finally:
+            self._on.reset(token)
+
+    def on(self) -> bool:
+        return self._on.get()
 
 
 def _compiler() -> str:
