@@ -5,10 +5,10 @@ against generate()'s XLA path, in interleaved rounds, per weight format.
                                 [--formats float32,int8,int4] [--paths kernel,xla]
                                 [--batch 8,32] [--kv-dtype float32|int8]
 
-Each (round, format, path) generates --tokens greedy tokens from the same prompt with the
-jitted steps generate() uses, once to compile and once timed. A token's time is the wall
-time of its decode step (token in, logits out, greedy pick read back); tok/s is 1 / the
-median. `cpu ms/step` is the process CPU time per step (all threads; spinning counts), which
+Each (round, format, path) generates --tokens greedy tokens from the same prompt through
+generate() (cpu_kernel=True or False), once to compile and once timed. A token's time is the
+wall time between two tokens generate() yields (its loop queues each step a token ahead, so
+this is the step plus whatever the loop does not hide); tok/s is 1 / the median. `cpu ms/step` is the process CPU time per step (all threads; spinning counts), which
 moves less than wall time on a shared machine. The 1-minute load average is printed beside
 every number. With HPLLM_DECODER_PROFILE=1 the kernel also reports where a step's wall time
 goes, per phase kind (cpu_decoder.profile()). At the end: whether both paths produced the
@@ -32,65 +32,33 @@ import numpy as np
 from hpllm.checkpoints.registry import load_model
 from hpllm.compress.quantize import quantize_params
 from hpllm.infer import generate as gen
-from hpllm.infer.sampling import pow2_bucket
 from hpllm.kernels import cpu_decoder
-from hpllm.model.kv_cache import DenseKVCache
-from hpllm.model.transformer import unstack_layers
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time,"
 
 
-def timed_decode(first_logits, step, prompt_len: int, n: int):
-    """(greedy ids, wall seconds per step, cpu seconds per step) of n tokens; step(token,
-    position) -> logits."""
-    token = jnp.argmax(first_logits, -1).astype(jnp.int32)
-    ids, wall, cpu = [int(token[0])], [], []
-    for position in range(prompt_len, prompt_len + n - 1):
-        t0, c0 = time.perf_counter(), time.process_time()
-        token = jnp.argmax(step(token, position), -1).astype(jnp.int32)
-        ids.append(int(token[0]))  # reads the token back: the step is finished
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+def timed_generate(params, config, prompt: list[int], n: int, kv_dtype: str, cpu_kernel: bool):
+    """(greedy ids, wall seconds per token, cpu seconds per token) of generate() itself: the
+    time between consecutive tokens it yields after the first (the prefill's), as a streaming
+    caller sees them (its loop dispatches each step a token ahead)."""
+    tokens = gen.generate(params, config, prompt, n, kv_dtype=kv_dtype, cpu_kernel=cpu_kernel)
+    ids, wall, cpu = [next(tokens)], [], []
+    t0, c0 = time.perf_counter(), time.process_time()
+    for token in tokens:
+        t1, c1 = time.perf_counter(), time.process_time()
+        ids.append(token)
+        wall.append(t1 - t0)
+        cpu.append(c1 - c0)
+        t0, c0 = t1, c1
     return ids, wall, cpu
 
 
 def kernel_run(params, config, prompt: list[int], n: int, kv_dtype: str = "float32"):
-    weights = gen._prepared(params, config)
-    length = pow2_bucket(len(prompt) + n, 256, config.max_seq_len)
-    blocks = -(-length // gen.KERNEL_BLOCK_SIZE)
-    pool = cpu_decoder.create_pool(config, blocks + 1, gen.KERNEL_BLOCK_SIZE, kv_dtype)
-    tables = jnp.arange(1, blocks + 1, dtype=jnp.int32)[None]
-    padded = pow2_bucket(len(prompt), 16, length)
-    tokens = jnp.asarray(prompt + [0] * (padded - len(prompt)), jnp.int32)
-    positions = jnp.where(jnp.arange(padded) < len(prompt), jnp.arange(padded), -1)
-    logits, pool = gen._kernel_step(weights, pool, tokens, positions.astype(jnp.int32),
-                                    tables, jnp.asarray([len(prompt) - 1], jnp.int32), config)
-    zero = jnp.zeros(1, jnp.int32)
-
-    def step(token, position):
-        nonlocal pool
-        out, pool = gen._kernel_step(weights, pool, token, jnp.full(1, position, jnp.int32),
-                                     tables, zero, config)
-        return out
-
-    return timed_decode(logits, step, len(prompt), n)
+    return timed_generate(params, config, prompt, n, kv_dtype, cpu_kernel=True)
 
 
 def xla_run(params, config, prompt: list[int], n: int, kv_dtype: str = "float32"):
-    params = unstack_layers(params)
-    length = pow2_bucket(len(prompt) + n, 256, config.max_seq_len)
-    cache = DenseKVCache.create(config, 1, length, kv_dtype)
-    padded = prompt + [0] * (pow2_bucket(len(prompt), 16, length) - len(prompt))
-    logits, cache = gen._prefill(params, jnp.asarray([padded], jnp.int32),
-                                 jnp.int32(len(prompt)), cache, config, jnp.float32)
-
-    def step(token, position):
-        nonlocal cache
-        out, cache = gen._decode(params, token, jnp.int32(position), cache, config,
-                                 jnp.float32)
-        return out
-
-    return timed_decode(logits, step, len(prompt), n)
+    return timed_generate(params, config, prompt, n, kv_dtype, cpu_kernel=False)
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnums=1)

@@ -40,6 +40,11 @@ NAME = "smollm2-135m"  # the model id every server is given
 BEGIN = "<!-- bench/serve_vs_peers.py: begin (generated, do not edit by hand) -->"
 END = "<!-- bench/serve_vs_peers.py: end -->"
 COMPILES = "hpllm_compilations_after_ready_total"
+# hpllm's engine counters (/metrics): steps, the tokens they scheduled, the tokens their passes
+# ran (padding to the compiled buckets included) and their seconds
+STEP_COUNTERS = {"steps": "hpllm:engine_steps_total", "tokens": "hpllm:engine_step_tokens_total",
+                 "padded": "hpllm:engine_step_padded_tokens_total",
+                 "seconds": "hpllm:engine_step_seconds_total"}
 
 
 def server(peer: str, concurrency: int, threads: int, port: int) -> peers.Server:
@@ -69,9 +74,13 @@ def measure(srv: peers.Server, concurrency: int, n: int, tokenizer, prompt_len, 
     if warm["errors"]:
         peers.say(f"  warm-up errors: {warm['first_errors']}")
     before = srv.metric(COMPILES)
+    steps_before = {k: srv.metric(name) for k, name in STEP_COUNTERS.items()}
     s = bench_serve(srv.base_url, n, concurrency, math.inf, 1.0, prompt_len, output_len,
                     seed, NAME, tokenizer)
     after = srv.metric(COMPILES)
+    steps = {k: srv.metric(name) for k, name in STEP_COUNTERS.items()}
+    if all(v is not None for v in (*steps.values(), *steps_before.values())):
+        s["engine_steps"] = {k: steps[k] - steps_before[k] for k in steps}
     s.pop("per_request")
     s.update(load=peers.load_note(), startup_s=srv.startup_s,
              compiles=None if after is None else after - (before or 0.0),
@@ -106,6 +115,13 @@ def tables(results: dict, concurrencies) -> list:
                 f"{s['load'].split(' ', 2)[2].split(',')[0]} |")
         hp = [p for p in rows if p.startswith("hpllm")]
         pe = [p for p in rows if not p.startswith("hpllm")]
+        traced = [p for p in hp if rows[p].get("engine_steps", {}).get("steps")]
+        if traced:
+            lines += ["", "Engine steps: " + "; ".join(
+                f"{LABELS[p]} {e['steps']:.0f} steps of {1e3 * e['seconds'] / e['steps']:.1f} "
+                f"ms mean, {e['tokens'] / e['steps']:.1f} tokens scheduled, "
+                f"{e['padded'] / e['steps']:.1f} run (padding)"
+                for p in traced for e in [rows[p]["engine_steps"]]) + "."]
         if hp and pe:
             best = max(pe, key=lambda p: rows[p]["output_throughput"])
             rate = max(rows[best]["output_throughput"], 1e-9)

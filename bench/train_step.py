@@ -4,7 +4,8 @@
                                [--kernels on,matmul,off] [--json out.json]
 
 For each size, compute dtype and (bf16 on CPU) with all CPU kernels (on: the bf16 matmul of
-hpllm/kernels/cpu_matmul.py and the attention of cpu_attention.py), the matmul alone, or none
+hpllm/kernels/cpu_matmul.py, the attention of cpu_attention.py and the SwiGLU, RMSNorm, RoPE
+and loss kernels of cpu_elementwise.py), the matmul alone, or none
 (off) it times the jitted train step (random tokens, the real step
 function), the variants interleaved in rounds so a busy machine slows them alike, and prints
 tokens/s, TFLOP/s per device, MFU against this machine's peak (measured matmul FLOP/s on

@@ -211,12 +211,17 @@ LONG = dataclasses.replace(CONFIG, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, 
                            max_seq_len=256)
 
 
-def test_long_context_attention_tiles_and_head_dim_32():
+@pytest.mark.parametrize("scheme", ["float32", "int8"])
+def test_long_context_attention_tiles_and_head_dim_32(scheme):
     """A 150-token prefill chunk, then decode tokens at positions 150 and 151: attention over
     several 64-position tiles (online-softmax rescaling), as a phase of its own both with
-    the norms split by tokens (prefill) and not (decode); head_dim 32 takes the vector
-    attention path that head_dim 8 (CONFIG) does not."""
+    the norms split by tokens (prefill: blocked attention over blocks of tokens, the packed
+    matmul panels, int8's x quantized once per phase) and not (decode); head_dim 32 takes
+    the vector attention path that head_dim 8 (CONFIG) does not. The prefill's logits rows
+    are some of its tokens (any order) and trailing padding, whose rows come out zero."""
     params = random_params(LONG, seed=8)
+    if scheme != "float32":
+        params = quantize_params(params, scheme)
     stream = list(np.random.default_rng(9).integers(0, LONG.vocab_size, 152))
     ref = reference_logits(float64(params), LONG, stream)
     weights = cpu_decoder.prepare(params, LONG)
@@ -224,15 +229,23 @@ def test_long_context_attention_tiles_and_head_dim_32():
     pool = cpu_decoder.create_pool(LONG, 12, block)
     table = np.array([[5, 2, 9, 1, 3, 11, 4, 7, 6, 10, 8, 0]], np.int32)  # any order
     run = functools.partial(jitted_step, config=LONG, portable=False)
-    steps = [(0, 150), (150, 151), (151, 152)]
-    for lo, hi in steps:
+    pad = 3
+    steps = [(0, 150, [149, 0, 150 + pad - 1, 97, 48, 33]), (150, 151, [0]), (151, 152, [0])]
+    if scheme != "float32":  # int8's new paths are the prefill's: spare two compilations
+        steps = steps[:1]
+    for lo, hi, rows in steps:
         n = hi - lo
-        logits, pool = run(weights, pool, np.asarray(stream[lo:hi], np.int32),
-                           np.arange(lo, hi, dtype=np.int32), np.zeros(n, np.int32), table,
-                           np.array([n - 1], np.int32))
-        expected = ref[hi - 1:hi]
-        np.testing.assert_allclose(np.asarray(logits), expected,
+        padding = pad if lo == 0 else 0
+        tokens = np.asarray(stream[lo:hi] + [0] * padding, np.int32)
+        positions = np.concatenate([np.arange(lo, hi), -np.ones(padding)]).astype(np.int32)
+        logits, pool = run(weights, pool, tokens, positions,
+                           np.zeros(n + padding, np.int32), table, np.array(rows, np.int32))
+        logits = np.asarray(logits)
+        real = [i for i, r in enumerate(rows) if r < n]
+        expected = ref[lo + np.array([rows[i] for i in real])]
+        np.testing.assert_allclose(logits[real], expected,
                                    atol=2e-4 * np.abs(expected).max(), rtol=0)
+        assert not logits[[i for i in range(len(rows)) if i not in real]].any()
 
 
 @pytest.mark.slow  # a second g++ build of the kernel (~10-20 s); decoder.cc itself has no

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from hpllm.config import make_config
-from hpllm.kernels import cpu_attention
+from hpllm.kernels import cpu_attention, cpu_elementwise
 from hpllm.kernels import cpu_matmul as cm
 from hpllm.model.transformer import init_params
 from hpllm.train.data import random_batch
@@ -158,8 +158,9 @@ _spec.loader.exec_module(ref)
 
 @needs_native
 def test_training_loss_through_the_kernels_matches_float64_reference():
-    """The bf16 training loss with every projection on the kernel (tied head included) and
-    attention on hpllm/kernels/cpu_attention.py equals the float64 reference model's on the
+    """The bf16 training loss with every projection on the kernel (tied head included),
+    attention on hpllm/kernels/cpu_attention.py and SwiGLU, RMSNorm, RoPE and the loss on
+    hpllm/kernels/cpu_elementwise.py equals the float64 reference model's on the
     same weights within bf16 tolerance, with finite gradients for every parameter (their
     values: test_gradients_match_xla, tests/test_cpu_attention.py)."""
     config = make_config("tiny", ["--compute_dtype=bfloat16", "--seq_len=40", "--batch_size=7"])
@@ -168,12 +169,15 @@ def test_training_loss_through_the_kernels_matches_float64_reference():
     batch = random_batch(config, 3)
 
     def loss(p):
-        with cm.routing(), cpu_attention.routing():
+        with cm.routing(), cpu_attention.routing(), cpu_elementwise.routing():
             return loss_fn(p, batch, config)[0]
 
     routed = jax.jit(jax.value_and_grad(loss)).lower(params)
     assert "hpllm_bf16_matmul" in routed.as_text()
     assert cpu_attention.available() and "hpllm_attention_bwd" in routed.as_text()
+    assert cpu_elementwise.available()
+    for kind in ("swiglu", "rms_norm", "rope", "nll"):
+        assert f"hpllm_{kind}_bwd" in routed.as_text(), kind
     lk, grads = routed.compile()(params)
     logits = ref.forward(ref.to_numpy64(params), np.asarray(batch["tokens"]),
                          np.asarray(batch["positions"]), config.model,

@@ -91,6 +91,13 @@ def test_greedy_engine_equals_single_sequence_decoding(params, name, engine_conf
         assert stats["preemptions"] > 0
     if name.startswith("chunked prefill"):
         assert stats["steps"] > sum(len(p) for p in prompts) / 7
+    # the step trace: every step within the token budget, in a bucket that holds it
+    assert len(engine.trace) == stats["steps"]
+    assert sum(d + p for d, p, *_ in engine.trace) == stats["batched_tokens"]
+    assert sum(t for _, _, t, _, _ in engine.trace) == stats["padded_tokens"]
+    for d, p, t, r, seconds in engine.trace:
+        assert 0 < d + p <= engine_config.max_num_batched_tokens and d + p <= t
+        assert t in engine.token_buckets and r in engine.row_buckets and seconds > 0
 
 
 def test_output_does_not_depend_on_the_batch(params):

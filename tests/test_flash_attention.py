@@ -41,9 +41,22 @@ CASES = [  # batch, seq, heads, kv_heads, head_dim, segments, window, block
 BLOCKWISE = {"flash": flash_attention, "pallas": pallas_attention}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
-@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-@pytest.mark.parametrize("impl", BLOCKWISE)
+def _blockwise_params():
+    """Every (implementation, dtype, case); the default set runs each case once, with the
+    four (implementation, dtype) pairs taken in turn so each pair and each case is covered,
+    and the other 18 combinations run under -m slow (they cost minutes in interpret mode)."""
+    pairs = [(impl, dtype, tol) for impl in BLOCKWISE
+             for dtype, tol in [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)]]
+    params = []
+    for i, case in enumerate(CASES):
+        for j, (impl, dtype, tol) in enumerate(pairs):
+            marks = () if j == i % len(pairs) else pytest.mark.slow
+            params.append(pytest.param(impl, case, dtype, tol, marks=marks,
+                                       id=f"{impl}-{jnp.dtype(dtype).name}-{case}"))
+    return params
+
+
+@pytest.mark.parametrize("impl, case, dtype, tol", _blockwise_params())
 def test_blockwise_matches_reference_values_and_gradients(impl, case, dtype, tol):
     batch, length, heads, kv_heads, dim, segments, window, block = case
     rng = np.random.default_rng(CASES.index(case))
@@ -135,10 +148,11 @@ def test_dispatcher_routes_by_name_and_rejects_unknown():
 
 
 @pytest.mark.parametrize("n_new, t, splits, window, dtype, tol", [
-    (1, 67, 8, None, jnp.float32, 1e-5),    # T not a multiple of the splits
-    (3, 200, 7, None, jnp.float32, 1e-5),   # a few queries (speculative decoding), odd splits
+    # the default set keeps two cases (window, more splits than keys); the rest under -m slow
+    pytest.param(1, 67, 8, None, jnp.float32, 1e-5, marks=pytest.mark.slow),  # T % splits
+    pytest.param(3, 200, 7, None, jnp.float32, 1e-5, marks=pytest.mark.slow),  # few queries
     (1, 64, 64, 9, jnp.float32, 1e-5),      # one key per split, sliding window
-    (2, 130, 4, None, jnp.bfloat16, 2e-2),
+    pytest.param(2, 130, 4, None, jnp.bfloat16, 2e-2, marks=pytest.mark.slow),
     (1, 5, 16, None, jnp.float32, 1e-5),    # more splits than keys
 ])
 def test_flash_decoding_matches_reference(n_new, t, splits, window, dtype, tol):

@@ -249,3 +249,44 @@ def test_cli_hw_json_from_the_cache(tmp_path):
     assert data["peak_flops"] == {"float32": 4e11, "bfloat16": 3e11, "float16": 3e11,
                                   "int8": 7e11}
     assert data["cached"] is True and data["load_average"] == [0.1, 0.2, 0.3]
+
+
+def test_train_figures_time_each_new_call_once_and_cache_per_kernel_source(tmp_path,
+                                                                           monkeypatch):
+    """Kernel calls timed alone (the real measurement on one small call), cached by their
+    key with the fusion probe's rate; only calls not yet measured are timed; busy, kept
+    for this process only; stale when the kernels' sources change."""
+    from hpllm.kernels import cpu_matmul
+
+    call = {"target": "hpllm_bf16_matmul_bf16", "operands": [("bf16", (300, 64)),
+                                                             ("bf16", (64, 96))],
+            "results": [("bf16", (300, 96))], "attrs": {"trans_a": 0, "trans_b": 0}}
+    if cpu_matmul.available():  # the real timing of a call as the step makes it (the
+        # session's kernel build, before this test's own cache)
+        assert 0 < hardware.measure_kernel_call(call, repeats=2) < 1.0
+    monkeypatch.setenv("HPLLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(hardware, "_UNCACHED", {})
+    write_known_figures(tmp_path, len(jax.local_devices()))
+    timed = []
+    monkeypatch.setattr(hardware, "measure_kernel_call",
+                        lambda c, per_call=0.0: timed.append(c["operands"][0][1]) or 1e-3)
+    monkeypatch.setattr(hardware, "measure_fusion_bandwidth", lambda: 2e10)
+    monkeypatch.setattr(hardware, "jit_call_seconds", lambda: 5e-5)
+    monkeypatch.setattr(hardware, "load_average", lambda: (5.0, 5.0, 5.0))  # busy
+    busy = hardware.train_figures([call, call], log=lambda line: None)
+    key = hardware.call_key(call)
+    assert key == ("hpllm_bf16_matmul_bf16(bf16[300, 64],bf16[64, 96])"
+                   "{trans_a=0,trans_b=0}")
+    assert busy["calls"] == {key: 1e-3} and busy["busy"] and len(timed) == 1
+    assert not (tmp_path / "hardware.json").read_text().count('"train"')
+    monkeypatch.setattr(hardware, "load_average", lambda: (0.1, 0.1, 0.1))
+    other = dict(call, operands=[("bf16", (512, 64)), ("bf16", (64, 96))])
+    figures = hardware.train_figures([call, other], force=True)
+    assert len(timed) == 2 and set(figures["calls"]) == {key, hardware.call_key(other)}
+    entry = json.loads((tmp_path / "hardware.json").read_text())[hardware._cpu_fingerprint()]
+    assert entry["train"]["calls"] == figures["calls"]
+    assert entry["train"]["fusion_bandwidth"] == 2e10
+    assert hardware.train_figures([other]) == figures and len(timed) == 2  # from the cache
+    monkeypatch.setattr(hardware, "train_source_id", lambda: "edited")  # kernels changed
+    hardware.train_figures([other], force=True)
+    assert len(timed) == 3

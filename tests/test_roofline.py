@@ -23,7 +23,8 @@ from hpllm.compress.quantize import quantize_params
 from hpllm.model.kv_cache import DenseKVCache
 from hpllm.model.transformer import forward, init_params, unstack_layers
 from hpllm.perf.roofline import (DECODE_OPS_PER_LAYER, OPS_OUTSIDE_LAYERS, MeshShape,
-                                 Workload, matmul_params, matmul_weight_bytes, predict)
+                                 Workload, matmul_params, matmul_weight_bytes, predict,
+                                 train_flops_per_token, train_kernel_prediction)
 from hpllm.quantized import is_quantized
 from known_hardware import write_known_figures
 
@@ -389,3 +390,74 @@ def test_decode_launches_what_xla_compiles():
                               "get-tuple-element") for op in opcodes)
     per_layer = (launched - OPS_OUTSIDE_LAYERS) / model.n_layers
     assert abs(per_layer - DECODE_OPS_PER_LAYER) <= 0.15 * DECODE_OPS_PER_LAYER, per_layer
+
+
+def _call(target, operands, results, seconds_key):
+    return {"target": target, "operands": operands, "results": results, "attrs": {},
+            "flops": 2e9 if "matmul" in target else 0.0, "bytes": 1e6, "key": seconds_key}
+
+
+def test_train_kernel_prediction_is_its_calls_measured_times_and_fusion_bytes():
+    """A CPU bf16 step: each kernel call at its measured seconds, in the term of its kind
+    (the head's matmuls by the vocabulary dimension), XLA's bytes at the fusion rate, every
+    op's launch; nothing else."""
+    config = make_config("shakespeare", []).model  # vocab 2048, dim 256
+    v, d = config.vocab_size, config.dim
+    calls = [_call("hpllm_bf16_matmul_bf16", [("bf16", (4096, d)), ("bf16", (d, 704))],
+                   [("bf16", (4096, 704))], "up"),
+             _call("hpllm_bf16_matmul_bf16", [("bf16", (4096, d)), ("bf16", (d, 704))],
+                   [("bf16", (4096, 704))], "up"),  # the same shape again: its time again
+             _call("hpllm_bf16_matmul_f32", [("bf16", (4096, d)), ("bf16", (v, d))],
+                   [("f32", (4096, v))], "head"),
+             _call("hpllm_attention_bwd", [("bf16", (32, 128, 8, 32))], [], "attn"),
+             _call("hpllm_swiglu_fwd", [("bf16", (4096, 704))], [], "swiglu"),
+             _call("hpllm_rms_norm_bwd", [("bf16", (4096, d))], [], "norm"),
+             _call("hpllm_nll_fwd", [("f32", (4096, v))], [], "loss")]
+    program = {"calls": calls, "xla_bytes": 3e8, "xla_ops": 150}
+    seconds = {"up": 2e-3, "head": 5e-3, "attn": 7e-3, "swiglu": 1e-3, "norm": 4e-4,
+               "loss": 3e-3}
+    figures = {"calls": seconds, "fusion_bandwidth": 2e10}
+    pred = train_kernel_prediction(config, Workload("train", 32, 128), CPU, program, figures)
+    terms = {t.name: t for t in pred.terms}
+    assert terms["weight matmuls"].seconds == pytest.approx(4e-3)
+    assert terms["weight matmuls"].flops == 4e9 and terms["weight matmuls"].bytes == 2e6
+    assert terms["output projection"].seconds == pytest.approx(5e-3)
+    assert terms["attention"].seconds == pytest.approx(7e-3)
+    assert terms["elementwise kernels"].seconds == pytest.approx(1.4e-3)
+    assert terms["loss (softmax x-ent)"].seconds == pytest.approx(3e-3)
+    assert terms["XLA fusions"].seconds == pytest.approx(3e8 / 2e10)
+    assert terms["dispatch"].seconds == pytest.approx(157 * 5e-7 + 5e-5)
+    assert pred.step_s == pytest.approx(sum(t.seconds for t in pred.terms))
+    assert pred.model_flops == pytest.approx(train_flops_per_token(config, 128) * 4096)
+    with pytest.raises(ValueError, match="no measured time for the kernel call up"):
+        train_kernel_prediction(config, Workload("train", 32, 128), CPU, program,
+                                {"calls": {}, "fusion_bandwidth": 2e10})
+
+
+@pytest.mark.slow  # compiles a training step (~9 s)
+def test_train_program_lists_the_steps_kernel_calls():
+    """The compiled bf16 step of the tiny preset: three matmul calls per projection (forward,
+    both gradients), the attention, SwiGLU, RMSNorm, RoPE and loss kernels each forward and
+    backward, and XLA's other ops with their bytes."""
+    from hpllm.kernels import cpu_matmul
+    from hpllm.perf.measure import train_program
+
+    if not cpu_matmul.available():
+        pytest.skip("the CPU kernels are off here")
+    config = make_config("tiny", ["--compute_dtype=bfloat16", "--batch_size=8",
+                                  "--seq_len=64"])
+    m = config.model
+    program = train_program(config, Workload("train", 8, 64))
+    targets = [c["target"] for c in program["calls"]]
+    # per layer: q, k, v, o, gate, up, down; plus the tied head
+    assert targets.count("hpllm_bf16_matmul_bf16") + targets.count(
+        "hpllm_bf16_matmul_f32") == 3 * (7 * m.n_layers + 1)
+    for kind, per_step in (("attention", m.n_layers), ("swiglu", m.n_layers),
+                           ("rms_norm", 2 * m.n_layers + 1), ("rope", 2 * m.n_layers),
+                           ("nll", 1)):
+        assert targets.count(f"hpllm_{kind}_fwd") == targets.count(f"hpllm_{kind}_bwd") \
+            == per_step, kind
+    head = [c for c in program["calls"] if c["target"] == "hpllm_bf16_matmul_f32"]
+    assert head[0]["flops"] == 2 * 8 * 64 * m.dim * m.vocab_size
+    assert program["xla_ops"] > 0 and program["xla_bytes"] > 0
+    assert all(c["key"].startswith(c["target"] + "(") for c in program["calls"])

@@ -9,6 +9,7 @@ the ones with the real SmolLM2 weights (1,000 requests at concurrency 64, start-
 are marked slow.
 """
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -410,27 +411,59 @@ def test_sigkill_while_the_cache_is_written_then_restart(model_dir, tmp_path):
 
 
 # -- SmolLM2 (slow) -------------------------------------------------------------------------
+def _leave_after_first_chunks(url, n: int, chunks: int = 2) -> int:
+    """n streamed requests, one after another, each closed after `chunks` chunks (a client
+    that goes away mid-stream); returns how many got that far."""
+    left = 0
+    for i in range(n):
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=600, json={
+                "prompt": f"Client {i} will not wait for the end of", "max_tokens": 64,
+                "ignore_eos": True, "temperature": 0, "stream": True}) as r:
+            assert r.status_code == 200, r.read()
+            got = 0
+            for line in r.iter_lines():
+                got += line.startswith("data: ") and line != "data: [DONE]"
+                if got == chunks:
+                    left += 1
+                    break
+    return left
+
+
 @pytest.mark.slow
 def test_smollm2_load_1000_requests_at_concurrency_64(tmp_path):
     """1,000 streamed requests at concurrency 64 through `hpllm bench serve`'s load
-    generator: 0 errors, every response complete, no KV block held afterwards, 0
-    compilations after ready. Prints the start-up times to ready with an empty compilation
-    cache and with the one the first start wrote."""
+    generator, while 32 other clients leave mid-stream: 0 errors, every response complete,
+    no KV block held afterwards (the leavers' freed too), 0 compilations after ready. Then
+    SIGKILL and a restart on the same cache, which serves at once. Prints the start-up
+    times to ready with an empty compilation cache, with the one the first start wrote, and
+    after the kill."""
     env = cold_cache(tmp_path)
-    times = []
-    for attempt in ("cold", "warm"):
+    times, port = [], _free_port()
+    for attempt in ("cold", "warm", "after SIGKILL"):
         start = time.monotonic()
-        with server_process("smollm2-135m", env=env) as (proc, url):
+        with server_process("smollm2-135m", port=port, env=env) as (proc, url):
             wait_healthy(proc, url, timeout=900)
             times.append(time.monotonic() - start)
             if attempt == "warm":
-                summary = bench.bench_serve(url, num_prompts=1000, concurrency=64,
-                                            prompt_len=(16, 96), output_len=(4, 24), seed=5,
-                                            model=NAME, tokenizer="smollm2-135m",
-                                            warmup_prompts=16)
-    print(f"\nstart-up to ready: cold {times[0]:.1f} s, warm {times[1]:.1f} s\n"
-          + bench.format_summary(summary))
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    leavers = pool.submit(_leave_after_first_chunks, url, 32)
+                    summary = bench.bench_serve(url, num_prompts=1000, concurrency=64,
+                                                prompt_len=(16, 96), output_len=(4, 24),
+                                                seed=5, model=NAME, tokenizer="smollm2-135m",
+                                                warmup_prompts=16)
+                    assert leavers.result() == 32
+                # the leavers' blocks too: server_state waited for the engine to go idle
+                summary["server"] = bench.server_state(url)
+                stats = _get(f"{url}/stats").json()
+                proc.kill()  # mid-life, no drain: the restart must not find a broken cache
+                assert proc.wait(30) == -signal.SIGKILL
+            elif attempt == "after SIGKILL":
+                assert _first_tokens(url) == 3
+    print(f"\nstart-up to ready: cold {times[0]:.1f} s, warm {times[1]:.1f} s, after SIGKILL "
+          f"{times[2]:.1f} s\n" + bench.format_summary(summary))
     assert summary["errors"] == 0, summary["first_errors"]
     assert summary["completed"] == 1000
+    assert summary["output_tokens"] == sum(r["max_tokens"] for r in summary["per_request"])
     assert summary["server"] == {"kv_blocks_leaked": 0, "compilations_after_ready": 0,
                                  "pending": 0}, summary["server"]
+    assert stats["aborts"] >= 32, stats

@@ -9,7 +9,7 @@ from scipy import stats as scipy_stats
 from hpllm.config import make_config
 from hpllm.infer.generate import generate
 from hpllm.infer.speculative.accept import accept_reject, filtered_probs
-from hpllm.infer.speculative.control import SpeculativeStats
+from hpllm.infer.speculative.control import CostModelGamma, SpeculativeStats
 from hpllm.infer.speculative.proposers import DraftError, NgramDraft
 from hpllm.infer.speculative.single_stream import model_draft, self_draft, speculative_generate
 from hpllm.model.transformer import forward, init_params
@@ -120,22 +120,32 @@ def _drafts(config, params):
             "draft": model_draft(student, small, config)}
 
 
-@pytest.mark.parametrize("gamma,adaptive", [
-    pytest.param(1, False, marks=pytest.mark.slow), (3, False),
-    pytest.param(2, True, marks=pytest.mark.slow)])
-def test_greedy_speculative_equals_greedy_target(model, gamma, adaptive):
+@pytest.mark.parametrize("gamma,adaptive,cpu_kernel", [
+    (3, False, True), (2, True, True), pytest.param(1, False, False, marks=pytest.mark.slow),
+    pytest.param(3, False, False, marks=pytest.mark.slow),
+    pytest.param(2, "heuristic", None, marks=pytest.mark.slow)])
+def test_greedy_speculative_equals_greedy_target(model, gamma, adaptive, cpu_kernel):
+    # cpu_kernel=True: target and model drafts through the fused CPU decoder (a verify pass is
+    # one kernel step of gamma + 1 rows; rejected drafts' K/V are overwritten later), False:
+    # XLA with dense caches. Plain greedy decoding runs through the kernel either way.
     config, params = model
     # a repeating prompt gives the n-gram draft matches to propose
     prompt = [5, 17, 42, 8, 61, 5, 17, 42, 3, 9, 5, 17]
-    want = list(generate(params, config, prompt, 32))
+    want = list(generate(params, config, prompt, 32, cpu_kernel=True))
     assert len(set(want)) > 3
-    for name, draft in _drafts(config, params).items():
+    drafts = _drafts(config, params)
+    if adaptive is True:  # the cost model's choices: the deep and the cheap draft suffice
+        drafts = {k: drafts[k] for k in ("ngram", "draft")}
+    for name, draft in drafts.items():
         st = SpeculativeStats()
         got = list(speculative_generate(params, config, prompt, 32, draft, gamma=gamma,
-                                        adaptive=adaptive, max_gamma=5, stats=st))
+                                        adaptive=adaptive, max_gamma=5, stats=st,
+                                        cpu_kernel=cpu_kernel))
         assert got == want, name
         assert st.generated == len(want) and st.rounds < len(want)
         assert st.proposed >= st.accepted
+        if name != "ngram":
+            assert draft.on_kernel == bool(cpu_kernel), name
 
 
 def test_speculative_stops_at_stop_ids_and_context_end(model):
@@ -162,6 +172,32 @@ def test_bad_arguments_raise_clear_errors(model):
         next(speculative_generate(params, config, [1, 2], 4, NgramDraft(97), gamma=0))
     with pytest.raises(ValueError, match="non-empty"):
         next(speculative_generate(params, config, [], 4, NgramDraft(97)))
+
+
+def test_cost_model_gamma_follows_the_measured_costs():
+    def settle(verify, draft_s, accept):
+        """The controller after 30 rounds with verify(g) seconds per pass, draft_s per draft
+        token, and acceptance `accept` (a callable: accepted count of a g-token proposal)."""
+        c = CostModelGamma(2, 6)
+        for _ in range(30):
+            g = c.gamma
+            c.measured(g, g * draft_s, verify(g))
+            c.update(accept(g), g)
+        return c
+
+    always = lambda g: g
+    # a memory-bound pass (5% per extra row) and a free draft that is always right: deep
+    assert settle(lambda g: 1 + 0.05 * g, 0.0, always).gamma == 6
+    # the same pass with a draft that costs as much as the target: never worth a second draft
+    assert settle(lambda g: 1 + 0.05 * g, 1.0, always).gamma == 1
+    # a pass that costs g + 1 decode steps cannot pay for drafts rejected half the time
+    half = settle(lambda g: 1.0 + g, 0.0, lambda g: 0)
+    assert half.gamma == 1 and half.alpha < 0.1
+    # alpha ~ 0.5 and a cheap wide pass: a few drafts, fewer than for a perfect draft
+    c = settle(lambda g: 1 + 0.05 * g, 0.02, lambda g: min(g, 1))
+    assert 0.3 < c.alpha < 0.7 and 1 < c.gamma < 6
+    v0, v1 = c.verify_line()
+    assert v0 == pytest.approx(1.0, rel=1e-6) and v1 == pytest.approx(0.05, rel=1e-5)
 
 
 def test_ngram_lookup_proposes_what_followed_the_latest_match():

@@ -15,6 +15,7 @@ the async engine (hpllm.infer.async_engine) drives it from a background thread, 
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 
@@ -79,7 +80,11 @@ class EngineCore:
         # sampled rows only (speculative rows bring 1 + drafts logits each).
         self.table_width = pow2_bucket(math.ceil(self.max_model_len / ec.block_size), 4)
         self.num_slots = ec.max_num_seqs
-        self.token_buckets = pow_buckets(SMALLEST_TOKEN_BUCKET, ec.max_num_batched_tokens)
+        # The fused kernel's executables are one FFI call each (cheap to compile, cheap to
+        # warm): buckets from 1 token, so a lone decode does not run as 8 rows (int8 SmolLM2:
+        # 25-30 ms in the 8 bucket vs 6-12 ms at 1, load 8). XLA's from 8: each compiles.
+        smallest = 1 if self.backend == "kernel" else SMALLEST_TOKEN_BUCKET
+        self.token_buckets = pow_buckets(smallest, ec.max_num_batched_tokens)
         max_rows = 2 * ec.max_num_seqs  # headroom for n > 1 forks' repeated rows
         if self.speculator:
             max_rows = (pow2_bucket(ec.max_num_seqs)
@@ -89,7 +94,11 @@ class EngineCore:
         self.row_buckets = pow_buckets(1, max_rows)
         self.shapes: set[tuple[int, int]] = set()  # (tokens, rows) passes run so far
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
-                         "batched_tokens": 0, "finished_requests": 0}
+                         "batched_tokens": 0, "padded_tokens": 0, "step_seconds": 0.0,
+                         "finished_requests": 0}
+        # the last steps as (decode rows, prefill tokens, padded tokens T, logits rows R,
+        # seconds): what the schedule asked for beside what the pass paid for
+        self.trace: collections.deque = collections.deque(maxlen=4096)
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
@@ -135,6 +144,7 @@ class EngineCore:
 
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         sched = self.scheduler.schedule()
         if not sched:
             if self.scheduler.has_unfinished():
@@ -180,6 +190,11 @@ class EngineCore:
             offset = spec.num_logits
             self._speculative_decode(decodes, spec, logits, touched)
         self._sample(logits, sampled, touched, offset, forks_laid_out=laid_out)
+        seconds = time.perf_counter() - started
+        self.counters["padded_tokens"] += len(batch.tokens)
+        self.counters["step_seconds"] += seconds
+        self.trace.append((len(decodes), sum(c.length for c in prefills), len(batch.tokens),
+                           len(batch.logits_index), seconds))
         outputs = []
         for req in touched.values():
             outputs.append(req.snapshot())

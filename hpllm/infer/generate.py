@@ -1,6 +1,7 @@
 """Single-stream generation with a dense KV cache (gpt-fast style): one jitted prefill, one
-jitted decode step reused for every token. The paged, batched engine builds on the same
-`forward(..., cache=...)` interface (hpllm.model.kv_cache).
+jitted decode-and-sample step reused for every token and dispatched a token ahead of the
+host. The paged, batched engine builds on the same `forward(..., cache=...)` interface
+(hpllm.model.kv_cache).
 
 On CPU, when the fused decoder kernel (hpllm/kernels/cpu_decoder.py) is built and supports
 the model, prefill and decode run through it instead (one FFI call per step over a
@@ -13,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hpllm.config import ModelConfig
 from hpllm.infer.sampling import _filter, pow2_bucket
@@ -56,6 +58,29 @@ def _decode(params, token, position, cache, config, dtype):
     return logits[:, -1], cache
 
 
+_SAMPLING = ("temperature", "top_k", "top_p")
+
+
+def _next(logits, key, temperature, top_k, top_p):
+    """The token drawn from logits and the key to carry on: the split generate() has always
+    done before each draw, so a seed keeps giving the same tokens."""
+    key, subkey = jax.random.split(key)
+    return sample_logits(logits, subkey, temperature, top_k, top_p).astype(jnp.int32), key
+
+
+_first = jax.jit(_next, static_argnames=_SAMPLING)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", *_SAMPLING),
+                   donate_argnames=("cache",))
+def _decode_next(params, token, position, key, cache, config, dtype, temperature, top_k, top_p):
+    """One token of the XLA path as one executable: (next token, next position, key, cache)."""
+    logits, cache = forward(params, token[:, None], position[None], config, cache=cache,
+                            dtype=dtype)
+    token, key = _next(logits[:, -1], key, temperature, top_k, top_p)
+    return token, position + 1, key, cache
+
+
 KERNEL_BLOCK_SIZE = 64  # positions per block of the kernel path's one-sequence pool
 
 
@@ -64,6 +89,17 @@ def _kernel_step(weights, pool, tokens, positions, tables, logits_index, config)
     """One step of the kernel path: tokens of the one sequence (slot 0), padding at -1."""
     return cpu_decoder.step(weights, pool, tokens, positions, jnp.zeros_like(tokens), tables,
                             logits_index, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("config", *_SAMPLING), donate_argnames=("pool",))
+def _kernel_next(weights, pool, token, position, key, tables, config, temperature, top_k,
+                 top_p):
+    """One token of the kernel path as one executable: (next token, next position, key,
+    pool)."""
+    logits, pool = cpu_decoder.step(weights, pool, token, position, jnp.zeros_like(token),
+                                    tables, jnp.zeros_like(token), config=config)
+    token, key = _next(logits, key, temperature, top_k, top_p)
+    return token, position + 1, key, pool
 
 
 def kernel_unsupported(params, config: ModelConfig, dtype=jnp.float32,
@@ -107,30 +143,36 @@ def _kernel_generate(params, config, prompt, end, temperature, top_k, top_p, see
     last = jnp.asarray([len(prompt) - 1], jnp.int32)
     logits, pool = _kernel_step(weights, pool, tokens, positions.astype(jnp.int32), tables,
                                 last, config)
-    zero = jnp.zeros(1, jnp.int32)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
 
-    def advance(token, position):
+    def advance(token, position, key):
         nonlocal pool
-        logits, pool = _kernel_step(weights, pool, token, jnp.full(1, position, jnp.int32),
-                                    tables, zero, config)
-        return logits
+        token, position, key, pool = _kernel_next(weights, pool, token, position, key, tables,
+                                                  config, **sampling)
+        return token, position, key
 
-    yield from _sampled(logits, range(len(prompt), end), seed, temperature, top_k, top_p,
-                        stop_ids, advance)
+    yield from _pipelined(_first(logits, jax.random.key(seed), **sampling),
+                          range(len(prompt), end), stop_ids, advance)
 
 
-def _sampled(logits, positions: range, seed, temperature, top_k, top_p, stop_ids, advance):
-    """Yields the token sampled from `logits` at each position and gets the next logits
-    from advance(token, position), until a stop id or the last position."""
-    key = jax.random.key(seed)
-    for position in positions:
-        key, subkey = jax.random.split(key)
-        token = sample_logits(logits, subkey, temperature, top_k, top_p)
-        token_id = int(token[0])
+def _pipelined(first, positions: range, stop_ids, advance):
+    """Yields the token at each position, from first = (token, key) and advance(token,
+    position, key) -> (next token, next position, key), until a stop id or the last position.
+    Why this shape: advance is one asynchronous dispatch whose inputs are the previous
+    step's outputs, so the step for token n + 1 is queued before token n is read back to
+    the host; the kernel never waits on Python's sampling, int() or the caller's handling
+    of a token. A stop id costs one discarded step (the cache is private to the call)."""
+    token, key = first
+    position = jnp.full(1, positions.start, jnp.int32)
+    for p in positions:
+        last = p + 1 == positions.stop
+        if not last:
+            following, position, key = advance(token, position, key)
+        token_id = int(np.asarray(token)[0])  # a host copy; token[0] would be a dispatch
         yield token_id
-        if token_id in stop_ids or position + 1 >= positions.stop:
+        if last or token_id in stop_ids:
             return
-        logits = advance(token.astype(jnp.int32), position)
+        token = following
 
 
 def generate(params, config: ModelConfig, prompt: list[int], max_new_tokens: int, *,
@@ -163,10 +205,13 @@ def generate(params, config: ModelConfig, prompt: list[int], max_new_tokens: int
     logits, cache = _prefill(params, jnp.asarray([padded], jnp.int32), jnp.int32(len(prompt)),
                              cache, config, dtype)
 
-    def advance(token, position):
-        nonlocal cache
-        logits, cache = _decode(params, token, jnp.int32(position), cache, config, dtype)
-        return logits
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
 
-    yield from _sampled(logits, range(len(prompt), end), seed, temperature, top_k, top_p,
-                        stop_ids, advance)
+    def advance(token, position, key):
+        nonlocal cache
+        token, position, key, cache = _decode_next(params, token, position, key, cache,
+                                                   config, dtype, **sampling)
+        return token, position, key
+
+    yield from _pipelined(_first(logits, jax.random.key(seed), **sampling),
+                          range(len(prompt), end), stop_ids, advance)

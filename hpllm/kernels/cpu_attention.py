@@ -37,28 +37,11 @@ class KernelError(RuntimeError):
 _SYMBOLS = {"fwd": "HpllmAttentionFwd", "bwd": "HpllmAttentionBwd"}
 
 
-def _name(kind: str, variant: str) -> str:
-    return f"hpllm_attention_{kind}" + ("" if variant == "native" else f"_{variant}")
-
-
-def _load(variant: str) -> str | None:
-    """None once both targets of `variant` are registered, else why not."""
-    return native.load_status("attention_train", [SOURCE], HEADERS,
-                              targets={_name(k, variant): s for k, s in _SYMBOLS.items()},
-                              portable=variant == "portable")
-
-
-def available() -> bool:
-    """Whether the native kernel is enabled, compiled and registered (built on first call)."""
-    return _load("native") is None
-
-
-def _target(kind: str, variant: str) -> str:
-    """The FFI target of `kind` ("fwd", "bwd"); KernelError where it cannot be loaded."""
-    reason = _load(variant)
-    if reason is not None:
-        raise KernelError(f"attention kernel unavailable: {reason}")
-    return _name(kind, variant)
+_KERNELS = native.TrainingKernels("attention_train", SOURCE, HEADERS, _SYMBOLS,
+                                  "hpllm_attention_", KernelError, "attention kernel")
+_load = _KERNELS.status  # None once both targets of a variant are registered, else why not
+available = _KERNELS.available
+_target = _KERNELS.target  # the FFI target of "fwd" or "bwd"; KernelError where unloadable
 
 
 def _check(q, k, v):

@@ -186,3 +186,35 @@ def library(name: str, sources: Sequence[pathlib.Path], headers: Sequence[pathli
         return None
     return _register(name, tuple(map(pathlib.Path, sources)),
                      tuple(map(pathlib.Path, headers)), tuple(sorted(targets.items())), portable)
+
+
+class TrainingKernels:
+    """One source's family of FFI targets `prefix + kind` (`_variant` appended but for the
+    native build), loaded together: the CPU training kernels' shared plumbing
+    (cpu_attention.py, cpu_elementwise.py). `error` is raised, saying `what` is unavailable
+    and why, where a target cannot be loaded."""
+
+    def __init__(self, name: str, source: pathlib.Path, headers: Sequence[pathlib.Path],
+                 symbols: Mapping[str, str], prefix: str, error: type, what: str):
+        self.name, self.source, self.headers = name, source, tuple(headers)
+        self.symbols, self.prefix, self.error, self.what = dict(symbols), prefix, error, what
+
+    def name_of(self, kind: str, variant: str) -> str:
+        return f"{self.prefix}{kind}" + ("" if variant == "native" else f"_{variant}")
+
+    def status(self, variant: str) -> str | None:
+        """None once every target of `variant` is registered, else why not."""
+        return load_status(self.name, [self.source], self.headers,
+                           targets={self.name_of(k, variant): s for k, s in self.symbols.items()},
+                           portable=variant == "portable")
+
+    def available(self) -> bool:
+        """Whether the native build is enabled, compiled and registered (built on first call)."""
+        return self.status("native") is None
+
+    def target(self, kind: str, variant: str) -> str:
+        """The FFI target of `kind`; `error` where it cannot be loaded."""
+        reason = self.status(variant)
+        if reason is not None:
+            raise self.error(f"{self.what} unavailable: {reason}")
+        return self.name_of(kind, variant)

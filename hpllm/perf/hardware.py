@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hpllm.cache import cache_dir
-from hpllm.kernels import cpu_decoder, cpu_matmul, cpu_quant_matmul, native, paged_attention
+from hpllm.kernels import (cpu_attention, cpu_decoder, cpu_elementwise, cpu_matmul,
+                           cpu_quant_matmul, native, paged_attention)
 from hpllm.config import ModelConfig
 from hpllm.model.kv_cache import DenseKVCache
 from hpllm.quantized import QuantizedWeight
@@ -756,14 +757,149 @@ def decoder_figures(refresh: bool = False, force: bool = False, log=None) -> dic
         return {}
     figures.update(version=DECODER_PROBE_VERSION, load_average=list(load),
                    busy=is_busy(load[0], n), measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return _keep_own("decoder", fingerprint, figures, force, log, "hpllm hw --decoder --force")
+
+
+def _keep_own(kind: str, fingerprint: str, figures: dict, force: bool, log, command: str):
+    """Figures measured on their own (`kind`: "decoder", "train") into this CPU's cache
+    entry, or, busy and not `force`, kept for this process only (and `log` says so)."""
     if figures["busy"] and not force:
-        _UNCACHED[("decoder", fingerprint)] = figures
-        _not_caching(log, load[0], n, "hpllm hw --decoder --force")
+        _UNCACHED[(kind, fingerprint)] = figures
+        _not_caching(log, figures["load_average"][0], cores(), command)
         return figures
     cached = _read_cache()  # again: another process may have written it meanwhile
-    cached.setdefault(fingerprint, {})["decoder"] = figures
+    cached.setdefault(fingerprint, {})[kind] = figures
     _write_cache(cached)
     return figures
+
+
+# ------------------------------------------------------------- the CPU training step's kernels
+# A bf16 training step on CPU is a sequence of hpllm's FFI kernel calls (the matmul's forward
+# and both gradients, attention, SwiGLU, RMSNorm, RoPE, the loss) and XLA's loop fusions
+# between them (residual adds, casts, AdamW). Its prediction (roofline.train_kernel_prediction)
+# takes each call's seconds timed alone at the step's own shapes and the fusions' bytes at
+# the rate XLA:CPU runs such fusions: both measured here, cached with the kernels' sources.
+TRAIN_PROBE_VERSION = 1
+TRAIN_SOURCES = (cpu_matmul.SOURCE, cpu_attention.SOURCE, cpu_elementwise.SOURCE,
+                 *cpu_matmul.HEADERS, *cpu_attention.HEADERS, *cpu_elementwise.HEADERS)
+
+
+def train_source_id() -> str:
+    """A hash of the training kernels' sources: calls timed on other sources are stale."""
+    digest = hashlib.sha256()
+    for path in sorted(set(TRAIN_SOURCES)):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _call_operands(target: str, operands: list) -> list:
+    """Inputs of one kernel call of the given (dtype, dims): floats standard normal; int32
+    positions (arange) and segment ids (ones) for attention, token ids below the logits'
+    width for the loss: what the kernel's time depends on (its masks)."""
+    rng = np.random.default_rng(0)
+    out, ints = [], [i for i, (dt, _) in enumerate(operands) if dt == "s32"]
+    for i, (dt, dims) in enumerate(operands):
+        if dt != "s32":
+            out.append(jnp.asarray(rng.standard_normal(dims), _jax_dtype(dt)))
+        elif "attention" in target and ints.index(i) < 2:  # q_pos, kv_pos
+            out.append(jnp.broadcast_to(jnp.arange(dims[-1], dtype=jnp.int32), dims))
+        elif "attention" in target:  # one segment
+            out.append(jnp.ones(dims, jnp.int32))
+        else:  # the loss's targets, below the logits' last axis
+            out.append(jnp.asarray(rng.integers(0, operands[0][1][-1], dims), jnp.int32))
+    return out
+
+
+def _jax_dtype(hlo_dtype: str):
+    return {"bf16": jnp.bfloat16, "f32": jnp.float32, "s32": jnp.int32}[hlo_dtype]
+
+
+def jit_call_seconds(repeats: int = 50) -> float:
+    """Median seconds of a jitted call that does nothing to speak of (one scalar add): the
+    fixed cost that timing one op alone adds to it."""
+    run, x = jax.jit(lambda x: x + 1), jnp.float32(0)
+    return float(np.median(time_calls(lambda: run(x), repeats)))
+
+
+def measure_kernel_call(call: dict, repeats: int = 7, per_call: float = 0.0) -> float:
+    """Median seconds of one FFI kernel call as the step makes it (`call`: "target",
+    "operands" and "results" as [(HLO dtype, dims)], "attrs" {name: value}) on inputs of its
+    shapes (_call_operands), less `per_call` (jit_call_seconds: in the step a kernel is one
+    op of a larger program, not a call of its own)."""
+    results = [jax.ShapeDtypeStruct(dims, _jax_dtype(dt)) for dt, dims in call["results"]]
+    attrs = {k: (np.float32(v) if isinstance(v, float) else np.int64(v))
+             for k, v in call["attrs"].items()}
+    fn = jax.jit(lambda *a: jax.ffi.ffi_call(call["target"], results)(*a, **attrs))
+    args = _call_operands(call["target"], call["operands"])
+    seconds = float(np.median(time_calls(lambda: fn(*args), repeats)))
+    return max(seconds - per_call, seconds / 2)
+
+
+def measure_fusion_bandwidth(tokens: int = 4096, dim: int = 256, hidden: int = 704,
+                             repeats: int = 10) -> float:
+    """Bytes/s (operands read + results written) of XLA:CPU's loop fusions of the kinds a
+    bf16 training step runs between its kernels, each its own jitted call on arrays of that
+    step's sizes: a bf16 residual add (tokens x dim), the float32 -> bf16 cast of a weight
+    (dim x hidden) and its bf16 gradient added into float32, and AdamW's update of a float32
+    parameter with its two moments. Total bytes over total median seconds."""
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (tokens, dim), jnp.bfloat16)
+    w = jax.random.normal(key, (dim, hidden), jnp.float32)
+    g = w.astype(jnp.bfloat16)
+
+    def adamw(p, g, m, v):
+        m, v = 0.9 * m + 0.1 * g, 0.99 * v + 0.01 * g * g
+        return p - 1e-3 * (m / (jnp.sqrt(v) + 1e-8) + 0.1 * p), m, v
+
+    cases = [(lambda a: a + a * 0.5, (x,), 3 * x.nbytes),
+             (lambda a: a.astype(jnp.bfloat16), (w,), 1.5 * w.nbytes),
+             (lambda a, b: a + b.astype(jnp.float32), (w, g), 2 * w.nbytes + g.nbytes),
+             (adamw, (w, w * 0.1, w * 0.01, w * w), 7 * w.nbytes)]
+    seconds, per_call = 0.0, jit_call_seconds()
+    for fn, args, _ in cases:
+        run = jax.jit(fn)
+        seconds += float(np.median(time_calls(lambda: run(*args), repeats)))
+    return sum(c[2] for c in cases) / max(seconds - len(cases) * per_call, seconds / 2)
+
+
+def call_key(call: dict) -> str:
+    """The cache key of a kernel call: its target, operand types and attributes."""
+    types = ",".join(f"{dt}{list(dims)}" for dt, dims in call["operands"])
+    attrs = ",".join(f"{k}={v}" for k, v in sorted(call["attrs"].items()))
+    return f"{call['target']}({types}){{{attrs}}}"
+
+
+def train_fresh(figures: dict) -> bool:
+    return (figures.get("version") == TRAIN_PROBE_VERSION
+            and figures.get("source") == train_source_id())
+
+
+def train_figures(calls: list, refresh: bool = False, force: bool = False, log=None) -> dict:
+    """{"calls": {call_key: seconds}, "fusion_bandwidth": bytes/s, ...}: every call of
+    `calls` timed alone (measure_kernel_call) and the fusion probe, from this CPU's cached
+    "train" entry where it holds them for the kernels' present sources, else measured now
+    and cached unless the machine is busy and not `force` (as decoder_figures)."""
+    fingerprint = _cpu_fingerprint()
+    cached = (_read_cache().get(fingerprint) or {}).get("train") or {}
+    figures = cached if train_fresh(cached) and not refresh else {}
+    figures = {**_UNCACHED.get(("train", fingerprint), {}), **figures} if not refresh else {}
+    figures.setdefault("calls", {})
+    missing = {call_key(c): c for c in calls if call_key(c) not in figures["calls"]}
+    if not missing and "fusion_bandwidth" in figures:
+        return figures
+    load, n = load_average(), cores()
+    figures = {**figures, "calls": dict(figures["calls"])}
+    per_call = jit_call_seconds() if missing else 0.0
+    for key, call in missing.items():
+        figures["calls"][key] = measure_kernel_call(call, per_call=per_call)
+    if "fusion_bandwidth" not in figures:
+        figures["fusion_bandwidth"] = measure_fusion_bandwidth()
+    busy = is_busy(load[0], n)
+    figures.update(version=TRAIN_PROBE_VERSION, source=train_source_id(),
+                   load_average=list(load), busy=figures.get("busy", False) or busy,
+                   measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return _keep_own("train", fingerprint, figures, force, log,
+                     "hpllm roofline --workload train, on an idle machine")
 
 
 def cpu_figures(refresh: bool = False, force: bool = False, log=None) -> dict:
@@ -791,8 +927,9 @@ def cpu_figures(refresh: bool = False, force: bool = False, log=None) -> dict:
     if fresh:  # keep the all-gather figures of other device counts
         measured = {**{k: v for k, v in entry.items() if k.startswith("all_gather")},
                     **measured}
-    if entry.get("decoder"):  # measured on its own (decoder_figures)
-        measured["decoder"] = entry["decoder"]
+    for own in ("decoder", "train"):  # measured on their own (decoder_figures, train_figures)
+        if entry.get(own):
+            measured[own] = entry[own]
     if measured["busy"] and not force:
         _UNCACHED[fingerprint] = measured
         _not_caching(log, measured.get("kernel_load_average", measured["load_average"])[0],

@@ -8,6 +8,7 @@ engine run (hpllm/kernels/cpu_decoder.py), else XLA's program; `backend` forces 
 from __future__ import annotations
 
 import dataclasses
+import re
 import tempfile
 
 import jax
@@ -23,12 +24,13 @@ from hpllm.infer.sampling import pow2_bucket
 from hpllm.model.kv_cache import DenseKVCache
 from hpllm.model.transformer import count_params, forward, init_params, unstack_layers
 from hpllm.perf import roofline, sizing
-from hpllm.perf.hardware import decoder_figures, time_calls
-from hpllm.perf.profile import profile
+from hpllm.perf.hardware import call_key, decoder_figures, time_calls, train_figures
+from hpllm.perf.hlo import parse_module, shapes
+from hpllm.perf.profile import _FREE, parse_hlo, profile
 from hpllm.perf.roofline import Workload
 from hpllm.train.data import random_batch
 from hpllm.train.state import init_state
-from hpllm.train.step import jit_train_step
+from hpllm.train.step import jit_train_step, kernels_routed
 
 
 def _median_seconds(run, repeats: int) -> float:
@@ -75,8 +77,7 @@ def measure_step(config: Config, workload: Workload, repeats: int = 5, quant: st
     matmul weights quantized by `quant`, as `--quant` loads a model; decode and engine steps
     through `backend`, "kernel" (the fused CPU decoder) or "xla")."""
     if workload.kind == "train":
-        config = apply_overrides(config, {"batch_size": workload.batch,
-                                          "seq_len": workload.seq_len})
+        config = _train_config(config, workload)
         step = jit_train_step(config)
         state = [init_state(config, jax.random.key(0))]
         batch = jax.device_put(random_batch(config))
@@ -170,6 +171,48 @@ def _kernel_step_seconds(params, model, workload: Workload, repeats: int) -> flo
     return _median_seconds(lambda: paged.run_ragged(batch), repeats)
 
 
+def _train_config(config: Config, workload: Workload) -> Config:
+    return apply_overrides(config, {"batch_size": workload.batch, "seq_len": workload.seq_len})
+
+
+_ATTR = re.compile(r"(\w+) = ([-+0-9.eE]+) : ([if])\d+")
+
+
+def train_program(config: Config, workload: Workload) -> dict:
+    """The compiled training step of `workload` as the kernel prediction reads it: "calls",
+    every hpllm FFI kernel call it executes ({"target", "operands", "results" as [(HLO dtype,
+    dims)], "attrs", "flops", "bytes", "key"}), and "xla_bytes" / "xla_ops": the bytes XLA's
+    other executed ops move (hpllm.perf.profile's count: operands + results) and how many
+    launch. Compiled, not run."""
+    config = _train_config(config, workload)
+    state = jax.eval_shape(lambda k: init_state(config, k), jax.random.key(0))
+    batch = jax.eval_shape(lambda: random_batch(config))
+    text = jit_train_step(config).lower(state, batch).compile().as_text()
+    costs, (_, instrs) = parse_hlo(text), parse_module(text)
+    calls, xla_bytes, xla_ops = [], 0.0, 0
+    for name, cost in costs.items():
+        ins = instrs[name]
+        if ins.opcode == "custom-call" and ins.custom_call_target.startswith("hpllm_"):
+            config_text = re.search(r"backend_config=\{([^}]*)\}", ins.attrs)
+            attrs = {k: (int(v) if t == "i" else float(v)) for k, v, t in
+                     _ATTR.findall(config_text.group(1) if config_text else "")}
+            call = {"target": ins.custom_call_target, "attrs": attrs,
+                    "operands": [shapes(instrs[o].type_text)[0] for o in ins.operands],
+                    "results": shapes(ins.type_text), "flops": cost.flops, "bytes": cost.bytes}
+            calls.append(dict(call, key=call_key(call)))
+        elif cost.opcode not in _FREE:
+            xla_bytes += cost.bytes
+            xla_ops += 1
+    return {"calls": calls, "xla_bytes": xla_bytes, "xla_ops": xla_ops}
+
+
+def train_kernel_step(config: Config, workload: Workload, chip) -> bool:
+    """Whether `workload` is a training step that runs on hpllm's CPU kernels here (a measured
+    CPU chip, bf16 compute): then train_kernel_prediction predicts it."""
+    return (workload.kind == "train" and chip.measured and jax.default_backend() == "cpu"
+            and kernels_routed(config))
+
+
 def compare(config: Config, workload: Workload, chip, mesh=None, *, measure: bool = False,
             repeats: int = 5, quant: str = "", backend: str = "auto") -> dict:
     """Prediction (and, with `measure`, the measured median beside it) as text and JSON;
@@ -186,10 +229,17 @@ def compare(config: Config, workload: Workload, chip, mesh=None, *, measure: boo
             raise ConfigError(f"no measured figures of the fused decoder kernel for "
                               f"{chip.name}: `hpllm hw --decoder` measures them")
         backend = "xla"  # another chip (--chip), or none measured: XLA's program
-    pred = roofline.predict(m, workload, chip, mesh, param_dtype=config.train.param_dtype,
-                            compute_dtype=config.train.compute_dtype, remat=config.train.remat,
-                            attention=m.attention, model_name=config.preset, quant=quant,
-                            backend=backend)
+    if mesh.devices == 1 and train_kernel_step(config, workload, chip):
+        program = train_program(config, workload)
+        pred = roofline.train_kernel_prediction(
+            m, workload, chip, program, train_figures(program["calls"]),
+            remat=config.train.remat, model_name=config.preset)
+        backend = "kernel"
+    else:
+        pred = roofline.predict(m, workload, chip, mesh, param_dtype=config.train.param_dtype,
+                                compute_dtype=config.train.compute_dtype,
+                                remat=config.train.remat, attention=m.attention,
+                                model_name=config.preset, quant=quant, backend=backend)
     lines = [pred.table()]
     if workload.decoding:
         lines.append(f"backend: {backend}" + (" (the fused CPU decoder kernel generate() and "
@@ -228,7 +278,8 @@ def compare(config: Config, workload: Workload, chip, mesh=None, *, measure: boo
 # Which predicted terms each profile category measures.
 _TERMS_OF_CATEGORY = {"matmul": ("weight matmuls", "output projection"),
                       "attention": ("attention", "attention (KV read)"),
-                      "elementwise": ("elementwise", "loss (softmax x-ent)", "optimizer (AdamW)"),
+                      "elementwise": ("elementwise", "loss (softmax x-ent)", "optimizer (AdamW)",
+                                      "elementwise kernels", "XLA fusions"),
                       "copies": ()}
 
 
@@ -240,7 +291,7 @@ def explain(config: Config, workload: Workload, pred) -> str:
     if workload.kind != "train":
         return (f"the largest term is '{worst.name}' ({worst.bound}-bound, "
                 f"{worst.seconds * 1e3:.1f} ms predicted)")
-    cfg = apply_overrides(config, {"batch_size": workload.batch, "seq_len": workload.seq_len})
+    cfg = _train_config(config, workload)
     with tempfile.TemporaryDirectory() as tmp:
         summary = profile(cfg, steps=2, out_dir=tmp, synthetic=True, log=lambda *a: None)
     by_name = {t.name: t.seconds for t in pred.terms}
@@ -251,4 +302,6 @@ def explain(config: Config, workload: Workload, pred) -> str:
         if measured > 0.05 * summary["step_time_s"] or predicted:
             parts.append(f"{row['label']} {measured * 1e3:.0f} ms measured vs "
                          f"{predicted * 1e3:.0f} ms predicted")
-    return "profiled: " + "; ".join(parts)
+    idle = summary["unattributed"]["time_per_step_s"]  # no op running: waits, preemption
+    return (f"profiled: {'; '.join(parts)}; {idle * 1e3:.0f} ms of the "
+            f"{summary['step_time_s'] * 1e3:.0f} ms step ran no op")

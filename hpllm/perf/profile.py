@@ -128,6 +128,11 @@ def _custom_gemm_flops(ins: Instr, instrs: dict[str, Instr]) -> float:
 ATTENTION_TARGET = "hpllm_attention_"
 
 
+# hpllm's CPU training kernels for SwiGLU, RMSNorm, RoPE and the loss
+# (kernels/cpu_elementwise.py): elementwise work, as the XLA fusions they replace.
+ELEMENTWISE_TARGET = re.compile(r"hpllm_(swiglu|rms_norm|rope|nll)_")
+
+
 def _custom_attention_flops(ins: Instr, instrs: dict[str, Instr]) -> float:
     """FLOPs of the attention kernel's call over the whole S x T square (as the dense
     reference's dots count it): forward QK^T and PV, 4 x B H S T D; backward (FlashAttention
@@ -233,6 +238,9 @@ def _cost(ins: Instr, instrs: dict[str, Instr], inner) -> OpCost:
         flops, category = _custom_gemm_flops(ins, instrs), "matmul"
     elif op == "custom-call" and ins.custom_call_target.startswith(ATTENTION_TARGET):
         flops, category = _custom_attention_flops(ins, instrs), "attention"
+    elif op == "custom-call" and ELEMENTWISE_TARGET.match(ins.custom_call_target):
+        category = "elementwise"  # one FLOP per result element, as XLA's own fusions count
+        flops = float(sum(math.prod(d) for _, d in shapes(ins.type_text)))
     elif op in COLLECTIVES or any(op.startswith(c) for c in COLLECTIVES):
         category = "collectives"
     elif op in _MOVEMENT:

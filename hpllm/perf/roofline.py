@@ -574,6 +574,66 @@ def kernel_prediction(config: ModelConfig, workload: Workload, chip, *, quant: s
                       notes, useful)
 
 
+# ------------------------------------------------------------- the CPU bf16 training step
+# On CPU with bf16 compute the training step is hpllm's FFI kernel calls (the projections'
+# forward and both gradients, attention, SwiGLU, RMSNorm, RoPE, the loss) and XLA's loop
+# fusions between them. Its terms: each call at the seconds it takes alone at its own shape
+# (hardware.train_figures, measured on the kernel), the fusions' bytes at the rate XLA:CPU's
+# fusions of those kinds run (measured by a probe), and every executed op's launch.
+_TRAIN_KERNEL_TERMS = (("attention", "attention"), ("matmul", "weight matmuls"),
+                       ("nll", "loss (softmax x-ent)"), ("", "elementwise kernels"))
+
+
+def _train_term(call: dict, vocab: int) -> str:
+    """The term a kernel call of the training step belongs to."""
+    if "matmul" in call["target"]:
+        dims = [d for _, shape in call["operands"] + call["results"] for d in shape]
+        return "output projection" if vocab in dims else "weight matmuls"
+    return next(name for part, name in _TRAIN_KERNEL_TERMS if part in call["target"])
+
+
+def train_kernel_prediction(config: ModelConfig, workload: Workload, chip, program: dict,
+                            figures: dict, *, remat: str = "none",
+                            model_name: str = "model") -> Prediction:
+    """A CPU bf16 training step from its compiled program (`program`: "calls", every kernel
+    call it executes as {"target", "operands", "results", "attrs", "flops", "bytes", "key"};
+    "xla_bytes" and "xla_ops", what XLA's own executed ops move and how many there are) and
+    the measured figures (`figures`: "calls" {key: seconds}, "fusion_bandwidth" bytes/s):
+    each call at its measured seconds, the fusions' bytes at the fusion rate, every op's
+    launch at chip.op_overhead_s plus one call's chip.call_overhead_s. ValueError where a
+    call was not measured."""
+    c, w = config, workload
+    if w.kind != "train":
+        raise ValueError("train_kernel_prediction predicts training steps")
+    base = predict(c, w, chip, remat=remat, model_name=model_name)  # memory per device, peak
+    terms = {name: Term(name, 0.0, 0.0) for name in
+             ("weight matmuls", "output projection", "attention", "elementwise kernels",
+              "loss (softmax x-ent)")}
+    for call in program["calls"]:
+        if call["key"] not in figures.get("calls", {}):
+            raise ValueError(f"no measured time for the kernel call {call['key']}")
+        t = terms[_train_term(call, c.vocab_size)]
+        t.flops += call["flops"]
+        t.bytes += call["bytes"]
+        t.compute_s += figures["calls"][call["key"]]
+    for t in terms.values():
+        t.memory_s = t.bytes / chip.hbm_bandwidth
+    fusions = Term("XLA fusions", 0.0, program["xla_bytes"])
+    fusions.memory_s = program["xla_bytes"] / figures["fusion_bandwidth"]
+    dispatch = Term("dispatch", 0.0, 0.0)
+    ops = program["xla_ops"] + len(program["calls"])
+    dispatch.overhead_s = ops * chip.op_overhead_s + chip.call_overhead_s
+    out = [t for t in terms.values() if t.flops or t.bytes] + [fusions, dispatch]
+    notes = [f"CPU bf16 step: {len(program['calls'])} kernel calls, each at its measured time "
+             f"alone at its own shape (hpllm's FFI kernels); XLA's {program['xla_ops']} other "
+             f"ops move {program['xla_bytes'] / 1e6:.0f} MB at the measured "
+             f"{figures['fusion_bandwidth'] / 1e9:.1f} GB/s of its loop fusions; {ops} ops x "
+             f"{chip.op_overhead_s * 1e6:.2f} us + {chip.call_overhead_s * 1e6:.0f} us per "
+             f"call (figures at load {figures.get('load_average', [0.0])[0]:.2f})"]
+    return Prediction(model_name, w, MeshShape(), chip.name, base.peak_flops, base.bandwidth,
+                      out, [], base.memory, notes, base.model_flops)
+
+
 def batched_rate(chip, kind: str, rows: int) -> float:
     """The measured FLOP/s of a dot chain (chip.batched_flops[kind], "float32" or "int8")
     at the fewest measured rows >= `rows` (the engine pads rows up to a power of two);

@@ -69,6 +69,12 @@ class _EngineCollector:
         yield counter("num_preemptions", "Sequences preempted for lack of KV blocks.",
                       s["preemptions"])
         yield counter("engine_steps", "Engine steps run.", s["steps"])
+        yield counter("engine_step_tokens", "Tokens the steps scheduled (decodes, drafts, "
+                      "prefill chunks).", s["batched_tokens"])
+        yield counter("engine_step_padded_tokens", "Tokens the steps' passes ran, padding "
+                      "to the compiled token buckets included.", s["padded_tokens"])
+        yield counter("engine_step_seconds", "Seconds spent in engine steps.",
+                      s["step_seconds"])
         lookups = CounterMetricFamily("hpllm:jax_cache", "Persistent compilation cache "
                                       "lookups of this process, by result (miss: compiled "
                                       "and written).", labels=["model_name", "result"])

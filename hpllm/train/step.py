@@ -3,9 +3,10 @@
 The state (hpllm/train/state.py) holds master weights in `param_dtype` (float32 by default);
 the forward pass casts them to `compute_dtype`, so the gradients and the optimizer update
 stay in the master precision. On CPU with bf16 compute, the model's projections (forward
-and both gradients) run on the AVX512-BF16 kernel of hpllm/kernels/cpu_matmul.py and its
-causal attention on hpllm/kernels/cpu_attention.py (`cpu_kernels`; docs/perf/train_cpu.md
-has the measurements).
+and both gradients) run on the AVX512-BF16 kernel of hpllm/kernels/cpu_matmul.py, its
+causal attention on hpllm/kernels/cpu_attention.py and its SwiGLU and RMSNorm on
+hpllm/kernels/cpu_elementwise.py (`cpu_kernels`; docs/perf/train_cpu.md has the
+measurements).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from hpllm.config import Config, ModelConfig
-from hpllm.kernels import cpu_attention, cpu_matmul
+from hpllm.kernels import cpu_attention, cpu_elementwise, cpu_matmul
 from hpllm.model import moe
 from hpllm.model.transformer import decoder_stack, embed, head, unstack_layers
 from hpllm.parallel import sharding
@@ -67,6 +68,8 @@ def _stack(layers, x, ex, *, config: ModelConfig, remat: str):
 
 
 def _nll(logits, targets):
+    if cpu_elementwise.routed(logits, dtype=jnp.float32):  # one kernel pass each way
+        return cpu_elementwise.softmax_nll(logits, targets)
     logz = jax.nn.logsumexp(logits, axis=-1)
     return logz - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
@@ -128,23 +131,32 @@ def loss_fn(params, batch, config: Config):
     return ce + config.model.router_aux_weight * aux["aux_loss"], aux
 
 
-CPU_KERNELS = ("matmul", "attention")
+CPU_KERNELS = ("matmul", "attention", "elementwise")
 
 
 @contextlib.contextmanager
 def _kernel_routing(config: Config, cpu_kernels):
     """The context in which the step is traced: the CPU bf16 kernels ("matmul" for the
-    model's projections, "attention"; cpu_kernels True = all, False = none, or a collection
-    of those names) when the compute dtype is bf16 and no mesh shards the step (the kernels
-    are one device's; XLA partitions its own ops)."""
+    model's projections, "attention", "elementwise" for SwiGLU, RMSNorm, RoPE and the loss;
+    cpu_kernels True = all, False = none, or a collection of those names) when the compute
+    dtype is bf16 and no mesh shards the step (the kernels are one device's; XLA partitions
+    its own ops)."""
     names = set(CPU_KERNELS if cpu_kernels is True else cpu_kernels or ())
     if names - set(CPU_KERNELS):
         raise ValueError(f"unknown CPU kernels {sorted(names - set(CPU_KERNELS))}; "
                          f"known: {', '.join(CPU_KERNELS)}")
     on = config.train.compute_dtype == "bfloat16" and sharding.context_mesh() is None
     with cpu_matmul.routing(on and "matmul" in names), \
-            cpu_attention.routing(on and "attention" in names):
+            cpu_attention.routing(on and "attention" in names), \
+            cpu_elementwise.routing(on and "elementwise" in names):
         yield
+
+
+def kernels_routed(config: Config) -> bool:
+    """Whether a step of `config` traced here (no mesh) runs on the CPU kernels: bf16
+    compute on the CPU backend with the matmul kernel built."""
+    return (config.train.compute_dtype == "bfloat16" and jax.default_backend() == "cpu"
+            and cpu_matmul.available())
 
 
 def train_step(state: dict, batch: dict, config: Config, *,

@@ -84,6 +84,41 @@ def accept_reject(p, q, draft, u_accept, u_next, n_proposed=None):
     return n, sample_with_uniform(dist, u_next)
 
 
+def accept_greedy(target, draft):
+    """accept_reject for greedy decoding, from the target's argmax tokens target (g+1,) at
+    the scored positions: the drafts up to the first mismatch are kept and the target's token
+    there follows (what accept_reject gives for one-hot p and q, without the (g+1, V)
+    distributions)."""
+    g = draft.shape[0]
+    matches = jnp.concatenate([target[:g] == draft, jnp.zeros((1,), bool)])
+    n = jnp.argmin(matches).astype(jnp.int32)
+    return n, target[n].astype(jnp.int32)
+
+
+def accept_logits(logits, q, draft, key, temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 1.0):
+    """The accept/reject step from the target's logits (g+1, V) at [last, drafts...], with
+    one set of sampling parameters (static). q (g, V): the draft's distributions, None for a
+    deterministic draft (one-hot of its tokens) or under greedy decoding (unused)."""
+    if temperature == 0.0:
+        return accept_greedy(jnp.argmax(logits, axis=-1), draft)
+    p = filtered_probs(logits, temperature, top_k, top_p)
+    if q is None:
+        q = jax.nn.one_hot(draft, logits.shape[-1], dtype=jnp.float32)
+    k_accept, k_next = jax.random.split(key)
+    return accept_reject(p, q, draft, jax.random.uniform(k_accept, draft.shape),
+                         jax.random.uniform(k_next))
+
+
+def draw(logits, key, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
+    """One draft token from logits (V,): (token (1,) int32, q (V,) its filtered distribution,
+    or None under greedy decoding, where accept_logits does not read q)."""
+    if temperature == 0.0:
+        return jnp.argmax(logits)[None].astype(jnp.int32), None
+    q = filtered_probs(logits, temperature, top_k, top_p)
+    return sample_with_uniform(q, jax.random.uniform(key))[None], q
+
+
 # -- batched, one request per row (the engine) ------------------------------------------------
 def row_keys(a, purpose: int):
     """Row r's key for `purpose`: keyed by (seed, sample index, tokens generated) like the

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -49,13 +48,12 @@ class NgramDraft:
                 return ids[follow:follow + g].tolist()
         return []
 
-    def start(self, tokens, cache_length, dtype=jnp.float32):
+    def start(self, tokens, cache_length, dtype=jnp.float32, kernel=False):
         pass
 
     def propose(self, tokens, g, key, temperature=0.0, top_k=0, top_p=1.0):
-        proposed = self.lookup(tokens, g) if g else []
-        q = jax.nn.one_hot(jnp.asarray(proposed, jnp.int32), self.vocab_size, dtype=jnp.float32)
-        return proposed, q
+        """(tokens, None): a deterministic draft, q is the one-hot of its tokens."""
+        return (self.lookup(tokens, g) if g else []), None
 
     def accepted(self, tokens, n_accepted, n_proposed):
         pass

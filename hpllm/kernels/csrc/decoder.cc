@@ -61,6 +61,7 @@ namespace hpllm_decoder {
 // ----------------------------------------------------------------- weights (gemm.h)
 
 using hpllm::matmul_block;
+using hpllm::matmul_block_x16;
 using hpllm::WeightView;
 using hpllm::WFormat;
 
@@ -110,16 +111,19 @@ constexpr int64_t kMinChunkBytes = 16 << 10;
 constexpr int64_t kPrefetchBytes = 256 << 10;
 
 // Row bounds of a phase's chunks over N rows of row_bytes each: chunk sizes remaining /
-// (2 threads), clamped to [kMinChunkBytes, kChunkBytes] and rounded to 16 rows (gemm.h's
-// panels), so each thread's share ends with small chunks.
-std::vector<int64_t> ChunkBounds(int64_t N, int64_t row_bytes, int64_t threads) {
-  const int64_t max_rows = std::max<int64_t>(16, kChunkBytes / std::max<int64_t>(1, row_bytes));
+// (2 threads), clamped to [kMinChunkBytes, kChunkBytes] and rounded to `quantum` rows (16:
+// gemm.h's panels; 32 where its packed panels run, which pair 16-row strips), so each
+// thread's share ends with small chunks.
+std::vector<int64_t> ChunkBounds(int64_t N, int64_t row_bytes, int64_t threads,
+                                 int64_t quantum = 16) {
+  const int64_t q = quantum;
+  const int64_t max_rows = std::max<int64_t>(q, kChunkBytes / std::max<int64_t>(1, row_bytes));
   const int64_t min_rows =
-      std::max<int64_t>(16, kMinChunkBytes / std::max<int64_t>(1, row_bytes)) / 16 * 16;
+      std::max<int64_t>(q, kMinChunkBytes / std::max<int64_t>(1, row_bytes)) / q * q;
   std::vector<int64_t> bounds{0};
   for (int64_t n = 0; n < N;) {
-    int64_t rows = std::clamp((N - n) / (2 * threads), min_rows, max_rows) / 16 * 16;
-    rows = std::max<int64_t>(rows, 16);
+    int64_t rows = std::clamp((N - n) / (2 * threads), min_rows, max_rows) / q * q;
+    rows = std::max<int64_t>(rows, q);
     n = N - n <= rows + min_rows / 2 ? N : n + rows;  // no sliver at the end
     bounds.push_back(n);
   }
@@ -646,6 +650,140 @@ void AttendAny(const float* q, const KV* k, const KV* v, const float* ks, const 
   for (int64_t d = 0; d < Dh; ++d) out[d] *= inv;
 }
 
+#if defined(HPLLM_GEMM_AVX512)
+// e^x of 16 lanes (ExpClamped's polynomial), 0 where x < -87 (and for -inf).
+inline __m512 ExpNonPositive16(__m512 x) {
+  const __m512 c = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 round = _mm512_set1_ps(12582912.0f);
+  const __m512 big = _mm512_fmadd_ps(c, _mm512_set1_ps(1.44269504089f), round);
+  const __m512 n = _mm512_sub_ps(big, round);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), c);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_sub_epi32(_mm512_castps_si512(big), _mm512_castps_si512(round)),
+                       _mm512_set1_epi32(127)),
+      23);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  return _mm512_maskz_mul_ps(keep, y, _mm512_castsi512_ps(bits));
+}
+
+// Blocked attention (prefill chunks): `rows` query rows (the query heads of one KV head for a
+// few consecutive tokens of one sequence; row r attends positions lo[r]..hi[r]) against the
+// keys lo_all..hi_all in tiles of kTile positions. Each K tile is transposed once (k-major,
+// an int8 pool's row scale folded in) and each V tile gathered once for all the rows, so
+// the scores and the V sum are outer products: no horizontal sum per (row, position), and
+// each K/V byte is read once per block instead of once per query row. ND = head_dim / 16.
+constexpr int kBlockRows = 48;  // query rows per block at most (16 tokens x 3 heads)
+template <int ND, typename KV, typename RowOffset>
+void AttendBlock(const float* const* q, float* const* out, int rows, const int64_t* lo,
+                 const int64_t* hi, const KV* k, const KV* v, const float* ks, const float* vs,
+                 float scale, const RowOffset& row) {
+  constexpr int Dh = 16 * ND, kRT = 4, kPT = ND >= 4 ? 16 / ND : 4;  // row tiles: scores, PV
+  constexpr bool kCodes = std::is_same<KV, int8_t>::value;
+  alignas(64) static thread_local float kt[Dh][kTile], vt[kTile][Dh], qs[kBlockRows][Dh],
+      acc[kBlockRows][Dh], sc[kBlockRows][kTile];
+  float m[kBlockRows], den[kBlockRows];
+  int64_t lo_all = lo[0], hi_all = hi[0];
+  for (int r = 0; r < rows; ++r) {
+    for (int d = 0; d < Dh; ++d) qs[r][d] = q[r][d] * scale, acc[r][d] = 0.0f;
+    m[r] = -INFINITY, den[r] = 0.0f;
+    lo_all = std::min(lo_all, lo[r]), hi_all = std::max(hi_all, hi[r]);
+  }
+  const int padded = (rows + kRT - 1) / kRT * kRT;
+  for (int r = rows; r < padded; ++r)  // score tiles run whole: spare rows score zeros
+    for (int d = 0; d < Dh; ++d) qs[r][d] = 0.0f;
+  int64_t offset[kTile];
+  for (int64_t j0 = lo_all; j0 <= hi_all; j0 += kTile) {
+    const int n = static_cast<int>(std::min<int64_t>(kTile, hi_all + 1 - j0));
+    row(j0, n, offset);
+    for (int j = 0; j < kTile; ++j) {
+      const KV* kr = k + offset[j < n ? j : 0];
+      const KV* vr = v + offset[j < n ? j : 0];
+      const float cs = j >= n ? 0.0f : kCodes ? ks[offset[j] / Dh] : 1.0f;
+      const float cv = j >= n ? 0.0f : kCodes ? vs[offset[j] / Dh] : 1.0f;
+      for (int d = 0; d < Dh; ++d)
+        kt[d][j] = static_cast<float>(kr[d]) * cs, vt[j][d] = static_cast<float>(vr[d]) * cv;
+    }
+    for (int r0 = 0; r0 < padded; r0 += kRT) {  // scores: kRT rows x 64 positions
+      __m512 s[kRT][4];
+      for (int i = 0; i < kRT; ++i)
+        for (int c = 0; c < 4; ++c) s[i][c] = _mm512_setzero_ps();
+      for (int d = 0; d < Dh; ++d) {
+        __m512 kv[4];
+        for (int c = 0; c < 4; ++c) kv[c] = _mm512_load_ps(&kt[d][16 * c]);
+        for (int i = 0; i < kRT; ++i) {
+          const __m512 b = _mm512_set1_ps(qs[r0 + i][d]);
+          for (int c = 0; c < 4; ++c) s[i][c] = _mm512_fmadd_ps(b, kv[c], s[i][c]);
+        }
+      }
+      for (int i = 0; i < kRT && r0 + i < rows; ++i)
+        for (int c = 0; c < 4; ++c) _mm512_store_ps(&sc[r0 + i][16 * c], s[i][c]);
+    }
+    for (int r = 0; r < rows; ++r) {  // online softmax, the row's positions only
+      const __m512i j = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j0)),
+                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
+                                                           11, 12, 13, 14, 15));
+      const int64_t a = std::max(lo[r], j0), b = std::min(hi[r], j0 + n - 1);
+      if (a > b) {  // no position of this tile: weights 0
+        for (int c = 0; c < 4; ++c) _mm512_store_ps(&sc[r][16 * c], _mm512_setzero_ps());
+        continue;
+      }
+      __m512 x[4], mx = _mm512_set1_ps(-INFINITY);
+      for (int c = 0; c < 4; ++c) {
+        const __m512i jc = _mm512_add_epi32(j, _mm512_set1_epi32(16 * c));
+        const __mmask16 in = _mm512_cmp_epi32_mask(jc, _mm512_set1_epi32(static_cast<int>(a)),
+                                                   _MM_CMPINT_NLT) &
+                             _mm512_cmp_epi32_mask(jc, _mm512_set1_epi32(static_cast<int>(b)),
+                                                   _MM_CMPINT_LE);
+        x[c] = _mm512_mask_blend_ps(in, _mm512_set1_ps(-INFINITY), _mm512_load_ps(&sc[r][16 * c]));
+        mx = _mm512_max_ps(mx, x[c]);
+      }
+      const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
+      const float corr = ExpNonPositive(m[r] - m_new);  // 0 on the row's first tile
+      __m512 sum = _mm512_setzero_ps();
+      for (int c = 0; c < 4; ++c) {
+        const __m512 w = ExpNonPositive16(_mm512_sub_ps(x[c], _mm512_set1_ps(m_new)));
+        _mm512_store_ps(&sc[r][16 * c], w);
+        sum = _mm512_add_ps(sum, w);
+      }
+      den[r] = den[r] * corr + _mm512_reduce_add_ps(sum);
+      m[r] = m_new;
+      if (corr != 1.0f)
+        for (int d = 0; d < Dh; d += 16)
+          _mm512_store_ps(&acc[r][d], _mm512_mul_ps(_mm512_load_ps(&acc[r][d]), _mm512_set1_ps(corr)));
+    }
+    for (int r0 = 0; r0 < rows; r0 += kPT) {  // the V sum: kPT rows x Dh
+      const int rt = std::min(kPT, rows - r0);
+      __m512 o[kPT][ND];
+      for (int i = 0; i < kPT; ++i)
+        for (int c = 0; c < ND; ++c)
+          o[i][c] = i < rt ? _mm512_load_ps(&acc[r0 + i][16 * c]) : _mm512_setzero_ps();
+      for (int jj = 0; jj < n; ++jj) {
+        __m512 vv[ND];
+        for (int c = 0; c < ND; ++c) vv[c] = _mm512_load_ps(&vt[jj][16 * c]);
+        for (int i = 0; i < kPT; ++i) {
+          const __m512 w = _mm512_set1_ps(sc[r0 + std::min(i, rt - 1)][jj]);
+          for (int c = 0; c < ND; ++c) o[i][c] = _mm512_fmadd_ps(w, vv[c], o[i][c]);
+        }
+      }
+      for (int i = 0; i < rt; ++i)
+        for (int c = 0; c < ND; ++c) _mm512_store_ps(&acc[r0 + i][16 * c], o[i][c]);
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    const float inv = 1.0f / den[r];
+    for (int d = 0; d < Dh; ++d) out[r][d] = acc[r][d] * inv;
+  }
+}
+#endif
+
 void RmsNorm(const float* x, const float* weight, int64_t D, float eps, float* out) {
   const float ss = Dot(x, x, D);
   const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
@@ -730,7 +868,7 @@ ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
   sh.D = nd[1];
   sh.F = wgu.dimensions().size() == 3 ? wgu.dimensions()[1] / 2 : 0;
   sh.V = embed.dimensions()[0];
-  const int64_t T = sh.T, R = sh.R, L = sh.L, H = sh.H, KVH = sh.KVH, Dh = sh.Dh, D = sh.D,
+  const int64_t R = sh.R, L = sh.L, H = sh.H, KVH = sh.KVH, Dh = sh.Dh, D = sh.D,
                 F = sh.F, V = sh.V, BS = sh.BS, NB = sh.NB, Wt = sh.W, S = sh.S;
   const int64_t NQKV = (H + 2 * KVH) * Dh;
   auto emb = View("embed", embed, embed_scale, 0, V, D);
@@ -761,15 +899,15 @@ ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
   if (kCodes && ksp != kv.ks_in) std::memcpy(ksp, kv.ks_in, kv_rows * sizeof(float));
   if (kCodes && vsp != kv.vs_in) std::memcpy(vsp, kv.vs_in, kv_rows * sizeof(float));
   float* out_logits = logits->typed_data();
-  if (T == 0) {
+  if (sh.T == 0) {
     std::fill(out_logits, out_logits + R * V, 0.0f);
     return ffi::Error::Success();
   }
 
   // Per-token checks that would otherwise read out of bounds; padding (position < 0) and
   // anything past the table reads nothing and writes nothing.
-  std::vector<uint8_t> valid(T);
-  for (int64_t t = 0; t < T; ++t) {
+  std::vector<uint8_t> valid(sh.T);
+  for (int64_t t = 0; t < sh.T; ++t) {
     valid[t] = pos[t] >= 0 && seq[t] >= 0 && seq[t] < S && pos[t] / BS < Wt;
     if (valid[t]) {  // every block it reads or writes must exist
       for (int64_t b = 0; b <= pos[t] / BS; ++b) {
@@ -780,12 +918,35 @@ ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
     if (tok[t] < 0 || tok[t] >= V) return Bad("token id out of range: " + std::to_string(tok[t]));
   }
   for (int64_t r = 0; r < R; ++r)
-    if (lidx[r] < 0 || lidx[r] >= T) return Bad("logits_index out of range");
+    if (lidx[r] < 0 || lidx[r] >= sh.T) return Bad("logits_index out of range");
+  // Trailing padding (the engine's token buckets pad at the end) is not computed at all: the
+  // step runs on the tokens before it, and logits rows of padding tokens come out zero.
+  int64_t T_run = sh.T;
+  while (T_run > 0 && pos[T_run - 1] < 0) --T_run;
+  const int64_t T = T_run;
+  if (T == 0) {
+    std::fill(out_logits, out_logits + R * V, 0.0f);
+    return ffi::Error::Success();
+  }
 
   const bool profile = ProfileOn();
   const int64_t start_ns = profile ? NowNs() : 0;
   std::vector<float> x(T * D), h(T * D), q(T * NQKV), attn(T * H * Dh), gbuf(T * 2 * F),
       act(T * F), hf(std::max<int64_t>(R, 1) * D);
+  // int8 weights from gd::kI16MinRows rows of x take gemm.h's int8 x int16 path; its x is
+  // quantized here once, as each input row is complete, not again in every chunk's call.
+  auto x16 = [](const WeightView& w, int64_t rows) {
+    return gd::kI16Fast && w.fmt == WFormat::INT8 && rows >= gd::kI16MinRows;
+  };
+  const bool q16_qkv = x16(*qkv, T), q16_o = x16(*ow, T), q16_gu = x16(*gu, T),
+             q16_dn = x16(*dn, T), q16_hd = x16(*hd, R);
+  std::vector<uint8_t> xq(q16_qkv || q16_o || q16_gu || q16_dn
+                              ? T * gd::I16RowBytes(std::max({D, H * Dh, F}))
+                              : 0),
+      hq(q16_hd ? R * gd::I16RowBytes(D) : 0);
+  auto quantize16 = [](const float* row, int64_t K, int64_t i, std::vector<uint8_t>& buf) {
+    gd::QuantizeI16Row(row, K, buf.data() + i * gd::I16RowBytes(K));
+  };
   const int64_t half = Dh / 2;
   std::vector<float> cosv(T * half), sinv(T * half);
   for (int64_t i = 0; i < half; ++i) {
@@ -800,6 +961,8 @@ ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
   for (int64_t t = 0; t < T; ++t) DequantizeRow(*emb, tok[t], x.data() + t * D);
   for (int64_t t = 0; t < T; ++t)
     RmsNorm(x.data() + t * D, attn_norm.typed_data(), D, norm_eps, h.data() + t * D);
+  if (q16_qkv)
+    for (int64_t t = 0; t < T; ++t) quantize16(h.data() + t * D, D, t, xq);
 
   const float att_scale = 1.0f / std::sqrt(static_cast<float>(Dh));
   const int64_t group = H / KVH;
@@ -822,11 +985,21 @@ ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
       std::memcpy(dst, src, Dh * sizeof(float));
     }
   };
-  const std::vector<int64_t> qkv_b = ChunkBounds(NQKV, RowBytes(*qkv), threads),
-                             o_b = ChunkBounds(D, RowBytes(*ow), threads),
-                             gu_b = ChunkBounds(F, 2 * RowBytes(*gu), threads),
-                             dn_b = ChunkBounds(D, RowBytes(*dn), threads),
-                             hd_b = ChunkBounds(V, RowBytes(*hd), threads);
+  // Chunks of 32 rows where gemm.h runs its packed panels on `rows` rows of x (strip pairs).
+  auto quantum = [](const WeightView& w, int64_t rows) -> int64_t {
+#if defined(HPLLM_GEMM_AVX512)
+    const bool int8_path = gd::kI16Fast && w.fmt == WFormat::INT8 && rows >= gd::kI16MinRows;
+    if (rows >= gd::kPackedRows && !int8_path) return 32;
+#endif
+    (void)w, (void)rows;
+    return 16;
+  };
+  const std::vector<int64_t>
+      qkv_b = ChunkBounds(NQKV, RowBytes(*qkv), threads, quantum(*qkv, T)),
+      o_b = ChunkBounds(D, RowBytes(*ow), threads, quantum(*ow, T)),
+      gu_b = ChunkBounds(F, 2 * RowBytes(*gu), threads, quantum(*gu, T)),
+      dn_b = ChunkBounds(D, RowBytes(*dn), threads, quantum(*dn, T)),
+      hd_b = ChunkBounds(V, RowBytes(*hd), threads, quantum(*hd, R));
   auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
   auto chunks_of = [](const std::vector<int64_t>& b) {
     return static_cast<int64_t>(b.size()) - 1;
@@ -854,13 +1027,18 @@ ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
   };
   auto mlp_norm_token = [&](int64_t l, int64_t t) {
     RmsNorm(x.data() + t * D, mlp_norm.typed_data() + l * D, D, norm_eps, h.data() + t * D);
+    if (q16_gu) quantize16(h.data() + t * D, D, t, xq);
   };
   auto next_norm_row = [&](int64_t l, int64_t i) {  // i: a token, or a logits row after L-1
     if (l + 1 < L)
       RmsNorm(x.data() + i * D, attn_norm.typed_data() + (l + 1) * D, D, norm_eps,
               h.data() + i * D);
-    else
+    else if (lidx[i] < T)
       RmsNorm(x.data() + lidx[i] * D, final_norm.typed_data(), D, norm_eps, hf.data() + i * D);
+    else  // a trailing padding token's row
+      std::fill(hf.data() + i * D, hf.data() + (i + 1) * D, 0.0f);
+    if (l + 1 < L ? q16_qkv : q16_hd)
+      quantize16((l + 1 < L ? h : hf).data() + i * D, D, i, l + 1 < L ? xq : hq);
   };
   auto next_norm_rows = [&](int64_t l) { return l + 1 < L ? T : R; };
   // Token t, query head hh of layer l over its sequence's blocks (within the window).
@@ -892,6 +1070,40 @@ ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
       default: return AttendAny(qv, kb, vb, ksb, vsb, Dh, lo, p_t, att_scale, row, o);
     }
   };
+#if defined(HPLLM_GEMM_AVX512)
+  // Tokens t0..t0+nt-1 (valid, one sequence, consecutive positions) x the query heads of KV
+  // head g of layer l: one AttendBlock.
+  auto attend_block = [&](int64_t l, int64_t t0, int64_t nt, int64_t g) {
+    const float* qr[kBlockRows];
+    float* orow[kBlockRows];
+    int64_t lo[kBlockRows], hi[kBlockRows];
+    int rows = 0;
+    for (int64_t t = t0; t < t0 + nt; ++t)
+      for (int64_t hh = g * group; hh < (g + 1) * group; ++hh, ++rows) {
+        qr[rows] = q.data() + t * NQKV + hh * Dh;
+        orow[rows] = attn.data() + t * H * Dh + hh * Dh;
+        hi[rows] = pos[t];
+        lo[rows] = window > 0 ? std::max<int64_t>(0, pos[t] - window + 1) : 0;
+      }
+    const int64_t base = (l * NB * BS * KVH + g) * Dh;
+    const int32_t* blocks = tab + seq[t0] * Wt;
+    const auto row = [&](int64_t j0, int64_t n, int64_t* offset) {
+      int64_t b = j0 / BS, r = j0 % BS;
+      for (int64_t i = 0; i < n; ++i) {
+        offset[i] = (blocks[b] * BS + r) * KVH * Dh;
+        if (++r == BS) r = 0, ++b;
+      }
+    };
+    const KV *kb = kp + base, *vb = vp + base;
+    const float *ksb = ksp ? ksp + base / Dh : nullptr, *vsb = vsp ? vsp + base / Dh : nullptr;
+    switch (Dh / 16) {
+      case 1: return AttendBlock<1>(qr, orow, rows, lo, hi, kb, vb, ksb, vsb, att_scale, row);
+      case 2: return AttendBlock<2>(qr, orow, rows, lo, hi, kb, vb, ksb, vsb, att_scale, row);
+      case 4: return AttendBlock<4>(qr, orow, rows, lo, hi, kb, vb, ksb, vsb, att_scale, row);
+      default: return AttendBlock<8>(qr, orow, rows, lo, hi, kb, vb, ksb, vsb, att_scale, row);
+    }
+  };
+#endif
 
   // The phases. Few tokens: the serial pieces are epilogues of the phase before (run by its
   // finisher: no extra barrier). Many tokens (prefill chunks, big batches): phases of their
@@ -918,8 +1130,37 @@ ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
   // Attention chunks: (token, KV head) - its query heads one after the other, the K/V rows
   // still in L1/L2 for the second and third (batches: each K/V byte comes from memory once,
   // not once per core) - or (token, query head) where that leaves too few chunks to share.
-  const int64_t heads_per_chunk = T * KVH >= 4 * threads ? group : 1;
-  const int64_t count_attention = T * H / heads_per_chunk;
+  // Prefill chunks instead (AVX-512, head_dim 16, 32, 64 or 128): runs of consecutive
+  // positions of one sequence in blocks of up to kBlockRows / group tokens, a chunk per
+  // (block, KV head), the blocks with the most work first (guided: the small ones end the
+  // phase); the single tokens among them keep the (token, KV head) chunks.
+  struct AttBlock {
+    int64_t t0, nt, work;
+  };
+  std::vector<AttBlock> att_blocks;
+#if defined(HPLLM_GEMM_AVX512)
+  const int64_t block_tokens = kBlockRows / group;
+  if (!serial_attention && Dh % 16 == 0 && (Dh / 16 & (Dh / 16 - 1)) == 0 && Dh <= 128 &&
+      block_tokens >= 2) {
+    bool any = false;
+    for (int64_t t = 0; t < T;) {
+      int64_t e = t + 1;
+      while (e < T && e - t < block_tokens && valid[t] && valid[e] && seq[e] == seq[t] &&
+             pos[e] == pos[e - 1] + 1)
+        ++e;
+      att_blocks.push_back({t, e - t, valid[t] ? (e - t) * (pos[e - 1] + 1) : 0});
+      any = any || e - t > 1;
+      t = e;
+    }
+    if (!any) att_blocks.clear();
+    std::stable_sort(att_blocks.begin(), att_blocks.end(),
+                     [](const AttBlock& a, const AttBlock& b) { return a.work > b.work; });
+  }
+#endif
+  const bool blocked = !att_blocks.empty();
+  const int64_t heads_per_chunk = blocked || T * KVH >= 4 * threads ? group : 1;
+  const int64_t count_attention =
+      blocked ? static_cast<int64_t>(att_blocks.size()) * KVH : T * H / heads_per_chunk;
 
   if (profile) {
     g_profile_ns[6].fetch_add(NowNs() - start_ns, std::memory_order_relaxed);
@@ -954,8 +1195,12 @@ ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
     const auto [kind, l] = phases[p];
     switch (kind) {
       case kQkv: {
-        matmul_block(h.data(), T, D, Layer(*qkv, l), qkv_b[c], qkv_b[c + 1],
-                     q.data(), NQKV, false);
+        if (q16_qkv)
+          matmul_block_x16(xq.data(), T, Layer(*qkv, l), qkv_b[c], qkv_b[c + 1], q.data(), NQKV,
+                           false);
+        else
+          matmul_block(h.data(), T, D, Layer(*qkv, l), qkv_b[c], qkv_b[c + 1],
+                       q.data(), NQKV, false);
         return;
       }
       case kRope: case kMlpNorm: case kNextNorm: {
@@ -977,21 +1222,37 @@ ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
         const char* base = static_cast<const char*>(w.data);
         for (int64_t b = c * share; b < std::min(bytes, (c + 1) * share); b += 64)
           PrefetchLine(base + b);
+        if (blocked) {
+          const AttBlock& b = att_blocks[c / KVH];
+          const int64_t g = c % KVH;
+#if defined(HPLLM_GEMM_AVX512)
+          if (b.nt > 1) return attend_block(l, b.t0, b.nt, g);
+#endif
+          for (int64_t hh = g * group; hh < (g + 1) * group; ++hh) attend(l, b.t0, hh);
+          return;
+        }
         const int64_t first = c * heads_per_chunk;  // token first / H, heads of one group
         for (int64_t hh = first % H; hh < first % H + heads_per_chunk; ++hh)
           attend(l, first / H, hh);
         return;
       }
       case kOProj: {
-        matmul_block(attn.data(), T, H * Dh, Layer(*ow, l), o_b[c], o_b[c + 1],
-                     x.data(), D, true);
+        if (q16_o)
+          matmul_block_x16(xq.data(), T, Layer(*ow, l), o_b[c], o_b[c + 1], x.data(), D, true);
+        else
+          matmul_block(attn.data(), T, H * Dh, Layer(*ow, l), o_b[c], o_b[c + 1],
+                       x.data(), D, true);
         return;
       }
       case kGateUp: {
         const int64_t j0 = gu_b[c], j1 = gu_b[c + 1];
         const WeightView w = Layer(*gu, l);
-        matmul_block(h.data(), T, D, w, j0, j1, gbuf.data(), 2 * F, false);
-        matmul_block(h.data(), T, D, w, F + j0, F + j1, gbuf.data(), 2 * F, false);
+        for (int64_t j : {j0, F + j0}) {  // the gate rows, then the up rows
+          if (q16_gu)
+            matmul_block_x16(xq.data(), T, w, j, j + j1 - j0, gbuf.data(), 2 * F, false);
+          else
+            matmul_block(h.data(), T, D, w, j, j + j1 - j0, gbuf.data(), 2 * F, false);
+        }
         for (int64_t t = 0; t < T; ++t) {
           const float* gt = gbuf.data() + t * 2 * F;
           for (int64_t j = j0; j < j1; ++j) {
@@ -1002,18 +1263,31 @@ ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
         return;
       }
       case kDown: {
-        matmul_block(act.data(), T, F, Layer(*dn, l), dn_b[c], dn_b[c + 1],
-                     x.data(), D, true);
+        if (q16_dn)
+          matmul_block_x16(xq.data(), T, Layer(*dn, l), dn_b[c], dn_b[c + 1], x.data(), D, true);
+        else
+          matmul_block(act.data(), T, F, Layer(*dn, l), dn_b[c], dn_b[c + 1],
+                       x.data(), D, true);
         return;
       }
       case kHead: {
-        matmul_block(hf.data(), R, D, *hd, hd_b[c], hd_b[c + 1], out_logits, V,
-                     false);
+        if (q16_hd)
+          matmul_block_x16(hq.data(), R, *hd, hd_b[c], hd_b[c + 1], out_logits, V, false);
+        else
+          matmul_block(hf.data(), R, D, *hd, hd_b[c], hd_b[c + 1], out_logits, V,
+                       false);
         return;
       }
     }
   };
+  // The inputs of the o-proj and the down-proj are whole only once their phase is done.
+  auto quantize_attn = [&] {
+    for (int64_t t = 0; t < T; ++t) quantize16(attn.data() + t * H * Dh, H * Dh, t, xq);
+  };
   team->epilogue = [&](int p) {
+    if (q16_o && phases[p].first == kAttention) quantize_attn();
+    if (q16_dn && phases[p].first == kGateUp)
+      for (int64_t t = 0; t < T; ++t) quantize16(act.data() + t * F, F, t, xq);
     if (split) return;
     const auto [kind, l] = phases[p];
     if (kind == kQkv) {
@@ -1028,6 +1302,7 @@ ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
           g_profile_ns[0].fetch_sub(dt, std::memory_order_relaxed);
           Count(kAttentionCpuNs, ThreadCpuNs() - c0);
         }
+        if (q16_o) quantize_attn();
       }
     }
     else if (kind == kOProj)
