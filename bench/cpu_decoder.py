@@ -69,7 +69,7 @@ def _batch_step(weights, pool, tokens, positions, seq_index, tables, logits_inde
 
 def batch_run(params, config, rows: int, kv_dtype: str, context: int = 64, steps: int = 20):
     """(wall seconds per step, profile) of `steps` decode steps of `rows` sequences."""
-    weights = gen._prepared(params, config)
+    weights = gen.prepared_weights(params, config)
     block, per_seq = 16, -(-(context + steps + 4) // 16)
     pool = cpu_decoder.create_pool(config, rows * per_seq + 1, block, kv_dtype)
     tables = jnp.asarray(1 + np.arange(rows * per_seq).reshape(rows, per_seq), jnp.int32)

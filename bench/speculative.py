@@ -40,7 +40,7 @@ from hpllm.checkpoints.distilled import distilled_dir, load_distilled
 from hpllm.checkpoints.registry import load_model
 from hpllm.compress.quantize import quantize_params
 from hpllm.infer.early_exit import evaluate_early_exit
-from hpllm.infer.generate import _prepared, generate
+from hpllm.infer.generate import prepared_weights, generate
 from hpllm.infer.speculative.control import SpeculativeStats, expected_tokens
 from hpllm.infer.speculative.proposers import NgramDraft
 from hpllm.infer.speculative.single_stream import (KernelModel, model_draft, self_draft,
@@ -68,7 +68,7 @@ def _median_seconds(fn, repeats: int) -> float:
 def step_costs(params, config, max_rows: int, context: int = 200, repeats: int = 15) -> dict:
     """{rows: seconds} of one kernel pass of the target scoring `rows` tokens (logits for
     each) after `context` tokens, for rows = 1..max_rows; rows = 1 is a decode step."""
-    model = KernelModel(_prepared(params, config), config, context + max_rows + 1)
+    model = KernelModel(prepared_weights(params, config), config, context + max_rows + 1)
     model.prefill(list(range(context)))
     out = {}
     for rows in range(1, max_rows + 1):

@@ -90,18 +90,18 @@ def _sequential(params, config, prompt, n, seed, cpu_kernel, **sampling):
     length = pow2_bucket(end, 256, config.max_seq_len)
     padded = pow2_bucket(len(prompt), 16, length)
     if cpu_kernel:
-        weights = gen._prepared(params, config)
+        weights = gen.prepared_weights(params, config)
         blocks = -(-length // gen.KERNEL_BLOCK_SIZE)
         pool = cpu_decoder.create_pool(config, blocks + 1, gen.KERNEL_BLOCK_SIZE)
         tables = jnp.arange(1, blocks + 1, dtype=jnp.int32)[None]
         positions = np.where(np.arange(padded) < len(prompt), np.arange(padded), -1)
-        logits, pool = gen._kernel_step(
+        logits, pool = gen.kernel_step(
             weights, pool, jnp.asarray(prompt + [0] * (padded - len(prompt)), jnp.int32),
             jnp.asarray(positions, jnp.int32), tables, jnp.asarray([len(prompt) - 1]), config)
 
         def step(token, position):
             nonlocal pool
-            out, pool = gen._kernel_step(weights, pool, token, jnp.full(1, position, jnp.int32),
+            out, pool = gen.kernel_step(weights, pool, token, jnp.full(1, position, jnp.int32),
                                          tables, jnp.zeros(1, jnp.int32), config)
             return out
     else:

@@ -85,7 +85,7 @@ KERNEL_BLOCK_SIZE = 64  # positions per block of the kernel path's one-sequence 
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("pool",))
-def _kernel_step(weights, pool, tokens, positions, tables, logits_index, config):
+def kernel_step(weights, pool, tokens, positions, tables, logits_index, config):
     """One step of the kernel path: tokens of the one sequence (slot 0), padding at -1."""
     return cpu_decoder.step(weights, pool, tokens, positions, jnp.zeros_like(tokens), tables,
                             logits_index, config=config)
@@ -117,7 +117,7 @@ def kernel_unsupported(params, config: ModelConfig, dtype=jnp.float32,
 _PREPARED: list = []  # [(param leaves, config, weights)]: the last model's kernel layout
 
 
-def _prepared(params, config: ModelConfig):
+def prepared_weights(params, config: ModelConfig):
     """cpu_decoder.prepare(params), reused while the same parameter arrays come back."""
     leaves = jax.tree.leaves(params)
     if _PREPARED:
@@ -132,7 +132,7 @@ def _prepared(params, config: ModelConfig):
 
 def _kernel_generate(params, config, prompt, end, temperature, top_k, top_p, seed, stop_ids,
                      kv_dtype):
-    weights = _prepared(params, config)
+    weights = prepared_weights(params, config)
     length = pow2_bucket(end, 256, config.max_seq_len)
     blocks = math.ceil(length / KERNEL_BLOCK_SIZE)
     pool = cpu_decoder.create_pool(config, blocks + 1, KERNEL_BLOCK_SIZE, kv_dtype)  # + null
@@ -141,7 +141,7 @@ def _kernel_generate(params, config, prompt, end, temperature, top_k, top_p, see
     tokens = jnp.asarray(prompt + [0] * (padded - len(prompt)), jnp.int32)
     positions = jnp.where(jnp.arange(padded) < len(prompt), jnp.arange(padded), -1)
     last = jnp.asarray([len(prompt) - 1], jnp.int32)
-    logits, pool = _kernel_step(weights, pool, tokens, positions.astype(jnp.int32), tables,
+    logits, pool = kernel_step(weights, pool, tokens, positions.astype(jnp.int32), tables,
                                 last, config)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
 

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hpllm.config import ConfigError, ModelConfig
-from hpllm.infer.generate import (KERNEL_BLOCK_SIZE, PromptError, _kernel_step, _prefill,
-                                  _prepared, kernel_unsupported)
+from hpllm.infer.generate import (KERNEL_BLOCK_SIZE, PromptError, kernel_step, _prefill,
+                                  prepared_weights, kernel_unsupported)
 from hpllm.infer.sampling import SamplingParams, pow2_bucket
 from hpllm.infer.speculative.accept import accept_logits, draw
 from hpllm.infer.speculative.control import (AdaptiveGamma, CostModelGamma, SpeculativeStats,
@@ -108,7 +108,7 @@ def _kernel_draft_step(weights, pool, tokens, start, tables, key, config, temper
     """_dense_draft_step as one kernel step (logits of the last fed token only)."""
     positions = start + jnp.arange(tokens.shape[0], dtype=jnp.int32)
     last = jnp.full((1,), tokens.shape[0] - 1, jnp.int32)
-    logits, pool = _kernel_step(weights, pool, tokens, positions, tables, last, config)
+    logits, pool = kernel_step(weights, pool, tokens, positions, tables, last, config)
     return *draw(logits[0], key, temperature, top_k, top_p), pool
 
 
@@ -117,7 +117,7 @@ def _kernel_verify(weights, pool, tokens, start, tables, q, draft, key, config, 
                    top_k, top_p):
     """_dense_verify as one kernel step of g+1 rows, logits for every row."""
     rows = jnp.arange(tokens.shape[0], dtype=jnp.int32)
-    logits, pool = _kernel_step(weights, pool, tokens, start + rows, tables, rows, config)
+    logits, pool = kernel_step(weights, pool, tokens, start + rows, tables, rows, config)
     return *accept_logits(logits, q, draft, key, temperature, top_k, top_p), pool
 
 
@@ -136,7 +136,7 @@ class KernelModel:
         padded = pow2_bucket(len(tokens), 16, self.length)  # one compiled prefill per bucket
         ids = jnp.asarray(tokens + [0] * (padded - len(tokens)), jnp.int32)
         positions = jnp.where(jnp.arange(padded) < len(tokens), jnp.arange(padded), -1)
-        logits, self.pool = _kernel_step(self.weights, self.pool, ids,
+        logits, self.pool = kernel_step(self.weights, self.pool, ids,
                                          positions.astype(jnp.int32), self.tables,
                                          jnp.asarray([len(tokens) - 1], jnp.int32), self.config)
         return logits
@@ -281,7 +281,7 @@ def speculative_generate(params, config: ModelConfig, prompt: list[int], max_new
     kernel = use_kernel(params, config, dtype, cpu_kernel)
     # Drafts run past `end` by up to gamma slots; their writes must land inside the cache.
     if kernel:
-        target = KernelModel(_prepared(params, config), config,
+        target = KernelModel(prepared_weights(params, config), config,
                              pow2_bucket(end + control.max_gamma + 1, 256))
         length = target.length
     else:

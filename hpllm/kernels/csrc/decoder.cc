@@ -1042,6 +1042,17 @@ ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
   };
   auto next_norm_rows = [&](int64_t l) { return l + 1 < L ? T : R; };
   // Token t, query head hh of layer l over its sequence's blocks (within the window).
+  // Pool offsets of cache positions j0..j0+n-1 of sequence slot s (no division per row).
+  const auto rows_of = [&](int64_t s) {
+    const int32_t* blocks = tab + s * Wt;
+    return [=](int64_t j0, int64_t n, int64_t* offset) {
+      int64_t b = j0 / BS, r = j0 % BS;
+      for (int64_t i = 0; i < n; ++i) {
+        offset[i] = (blocks[b] * BS + r) * KVH * Dh;
+        if (++r == BS) r = 0, ++b;
+      }
+    };
+  };
   auto attend = [&](int64_t l, int64_t t, int64_t hh) {
     float* o = attn.data() + t * H * Dh + hh * Dh;
     if (!valid[t]) {
@@ -1052,14 +1063,7 @@ ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
     const int64_t lo = window > 0 ? std::max<int64_t>(0, p_t - window + 1) : 0;
     const float* qv = q.data() + t * NQKV + hh * Dh;
     const int64_t base = (l * NB * BS * KVH + g) * Dh;  // layer l, head g
-    const int32_t* blocks = tab + seq[t] * Wt;
-    const auto row = [&](int64_t j0, int64_t n, int64_t* offset) {  // no division per row
-      int64_t b = j0 / BS, r = j0 % BS;
-      for (int64_t i = 0; i < n; ++i) {
-        offset[i] = (blocks[b] * BS + r) * KVH * Dh;
-        if (++r == BS) r = 0, ++b;
-      }
-    };
+    const auto row = rows_of(seq[t]);
     const KV *kb = kp + base, *vb = vp + base;
     const float *ksb = ksp ? ksp + base / Dh : nullptr, *vsb = vsp ? vsp + base / Dh : nullptr;
     switch (Dh % gd::kLanes ? 0 : Dh / gd::kLanes) {
@@ -1086,14 +1090,7 @@ ffi::Error StepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
         lo[rows] = window > 0 ? std::max<int64_t>(0, pos[t] - window + 1) : 0;
       }
     const int64_t base = (l * NB * BS * KVH + g) * Dh;
-    const int32_t* blocks = tab + seq[t0] * Wt;
-    const auto row = [&](int64_t j0, int64_t n, int64_t* offset) {
-      int64_t b = j0 / BS, r = j0 % BS;
-      for (int64_t i = 0; i < n; ++i) {
-        offset[i] = (blocks[b] * BS + r) * KVH * Dh;
-        if (++r == BS) r = 0, ++b;
-      }
-    };
+    const auto row = rows_of(seq[t0]);
     const KV *kb = kp + base, *vb = vp + base;
     const float *ksb = ksp ? ksp + base / Dh : nullptr, *vsb = vsp ? vsp + base / Dh : nullptr;
     switch (Dh / 16) {
